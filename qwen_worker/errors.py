@@ -1,0 +1,31 @@
+"""The one exception root of qwen-batch, shared by the driver (`jobs`) and the worker.
+
+User errors are the user's to fix (a bad row, a missing bucket): never retried, reported in one
+line. System errors (storage 5xx, lost actors, CUDA OOM) are retried with backoff.
+"""
+
+
+class QwenBatchError(Exception):
+    """Root of every error qwen-batch raises on purpose."""
+
+    exit_code = 4
+
+
+class UserError(QwenBatchError):
+    """Something the user can fix: bad input, bad option, unreachable or forbidden destination."""
+
+    exit_code = 1
+
+
+class SystemError_(QwenBatchError):
+    """A transient or infrastructure failure worth retrying (storage 5xx, lost actor, OOM)."""
+
+    exit_code = 4
+
+
+class StorageError(SystemError_):
+    """A storage operation failed after its retries."""
+
+
+class ObjectExistsError(UserError):
+    """An object already exists at a key with content different from what we would write."""
