@@ -1,0 +1,67 @@
+"""The `qwen-batch` command line: a thin click group whose commands live one group per module.
+
+Command modules are imported only when their command runs, so `qwen-batch --help` stays instant
+(no torch, ray, diffusers or boto3 at start-up).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from qwen_worker.errors import QwenBatchError
+
+# command name -> (module, attribute, one-line help shown by --help without importing the module)
+COMMANDS = {
+    "submit": ("jobs.cli.submit_cmd", "submit", "Render every row of a manifest into DEST (local or on a Ray cluster)."),
+    "validate": ("jobs.cli.validate_cmd", "validate", "Check every row of a manifest; print a summary or every error."),
+    "status": ("jobs.cli.status_cmd", "status", "Show done / failed / pending rows of a job from its output."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module_name, attribute, _help = COMMANDS[name]
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qwen-batch")
+def cli():
+    """qwen-batch: render a Parquet manifest with Qwen-Image on Ray, into a directory or S3.
+
+    Exit codes: 0 every row stored; 1 bad input or option (nothing rendered);
+    3 the job finished but some rows failed; 4 a system failure stopped the job
+    (storage or cluster unreachable); 2 command-line usage error.
+    """
+
+
+def main(argv=None):
+    """Console entry point: user mistakes and known failures print one line, no traceback."""
+    try:
+        cli.main(args=argv, prog_name="qwen-batch", standalone_mode=False)
+    except QwenBatchError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished rows are stored; run the same submit again to resume", err=True)
+        sys.exit(130)
+    sys.exit(0)
