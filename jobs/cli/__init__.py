@@ -51,7 +51,7 @@ def cli():
 def main(argv=None):
     """Console entry point: user mistakes and known failures print one line, no traceback."""
     try:
-        cli.main(args=argv, prog_name="qwen-batch", standalone_mode=False)
+        exit_code = cli.main(args=argv, prog_name="qwen-batch", standalone_mode=False)
     except QwenBatchError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -64,4 +64,5 @@ def main(argv=None):
     except KeyboardInterrupt:
         click.echo("interrupted: finished rows are stored; run the same submit again to resume", err=True)
         sys.exit(130)
-    sys.exit(0)
+    # commands return their exit code (an int) or None for success
+    sys.exit(exit_code if isinstance(exit_code, int) else 0)
