@@ -55,6 +55,7 @@ class RowResult:
     rendered: bool = True  # False when every image was already stored (resume after a crash)
     worker: str = ""
     error: str = ""
+    user_error: bool = False  # the error is the user's to fix (not retried)
 
     def to_record(self) -> dict:
         record = dataclasses.asdict(self)

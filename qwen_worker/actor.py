@@ -1,0 +1,144 @@
+"""RenderWorker: loads the pipeline once, then renders shards and stores every image exactly once.
+
+A plain class; the driver turns it into a Ray actor (`ray.remote(RenderWorker)`), one per GPU.
+`render_shard` is a generator: it yields the results of each micro-batch as soon as its images
+are stored, so the driver can show progress row by row and keep what finished if the actor dies.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Iterator
+
+from qwen_worker.encode import content_type, encode_image
+from qwen_worker.errors import QwenBatchError, UserError
+from qwen_worker.presets import get_preset
+from qwen_worker.render import ImageTask, micro_batches, render_batch
+from qwen_worker.rows import RenderRow, RowResult, RowStatus
+from qwen_worker.store import open_store, sha256_hex
+
+
+class RenderWorker:
+    def __init__(
+        self,
+        *,
+        model: str,
+        output_uri: str,
+        overwrite: bool = False,
+        model_dir: str | None = None,
+        offload: str = "auto",
+        name: str = "",
+    ):
+        self.preset = get_preset(model)
+        self.store = open_store(output_uri, overwrite=overwrite)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        started = time.perf_counter()
+        from qwen_worker.loading import load_pipeline
+
+        self.pipe = load_pipeline(self.preset, model_dir=model_dir, offload=offload)
+        self.load_s = time.perf_counter() - started
+
+    def ping(self) -> dict:
+        return {"name": self.name, "pid": os.getpid(), "load_s": self.load_s}
+
+    def render_shard(self, rows: list[RenderRow], batch_size: int = 4) -> Iterator[list[RowResult]]:
+        """Render and store `rows`; yield the finished rows' results after each micro-batch."""
+        pending = {row.row_index: _RowProgress(row) for row in rows}
+        for tasks in micro_batches(rows, batch_size):
+            finished = self._render_and_store(tasks, pending)
+            if finished:
+                yield finished
+
+    def _render_and_store(self, tasks: list[ImageTask], pending: dict) -> list[RowResult]:
+        to_render = []
+        for task in tasks:
+            stored = self.store.stored_sha256(task.key)
+            if stored is not None:  # written by an earlier attempt whose result was lost
+                pending[task.row.row_index].add(task.index, stored, rendered=False)
+            else:
+                to_render.append(task)
+        if to_render:
+            try:
+                started = time.perf_counter()
+                images = render_batch(self.pipe, to_render)
+                render_s = (time.perf_counter() - started) / len(to_render)
+            except Exception as exc:  # a broken batch fails its rows, the shard goes on
+                return self._fail(to_render, pending, exc)
+            for task, image in zip(to_render, images):
+                progress = pending[task.row.row_index]
+                progress.render_s += render_s
+                try:
+                    started = time.perf_counter()
+                    data = encode_image(image, task.row.format)
+                    self.store.put_new(task.key, data, content_type=content_type(task.row.format))
+                    progress.upload_s += time.perf_counter() - started
+                except Exception as exc:
+                    progress.fail(exc)
+                    continue
+                progress.add(task.index, sha256_hex(data), rendered=True)
+        return self._collect(tasks, pending)
+
+    def _fail(self, tasks, pending, exc) -> list[RowResult]:
+        for task in tasks:
+            pending[task.row.row_index].fail(exc)
+        return self._collect(tasks, pending)
+
+    def _collect(self, tasks, pending) -> list[RowResult]:
+        """Results of the rows that have all their images settled after this batch."""
+        results = []
+        for row_index in dict.fromkeys(task.row.row_index for task in tasks):
+            progress = pending[row_index]
+            if progress.settled:
+                results.append(progress.result(self.name))
+                del pending[row_index]
+        return results
+
+
+class _RowProgress:
+    def __init__(self, row: RenderRow):
+        self.row = row
+        self.sha256: dict[int, str] = {}
+        self.rendered = False
+        self.render_s = 0.0
+        self.upload_s = 0.0
+        self.error = ""
+        self.user_error = False
+        self.failed_images = 0
+
+    def add(self, index: int, sha256: str, *, rendered: bool) -> None:
+        self.sha256[index] = sha256
+        self.rendered = self.rendered or rendered
+
+    def fail(self, exc: BaseException) -> None:
+        self.failed_images += 1
+        self.error = _describe(exc)
+        self.user_error = isinstance(exc, UserError)
+
+    @property
+    def settled(self) -> bool:
+        """Every image of the row was either stored or failed."""
+        return len(self.sha256) + self.failed_images == len(self.row.keys)
+
+    def result(self, worker: str) -> RowResult:
+        failed = len(self.sha256) < len(self.row.keys)
+        return RowResult(
+            row_index=self.row.row_index,
+            id=self.row.id,
+            status=RowStatus.FAILED if failed else RowStatus.DONE,
+            keys=list(self.row.keys),
+            sha256=[self.sha256.get(i, "") for i in range(len(self.row.keys))],
+            seed=self.row.seed,
+            render_s=round(self.render_s, 4),
+            upload_s=round(self.upload_s, 4),
+            rendered=self.rendered,
+            worker=worker,
+            error=self.error if failed else "",
+            user_error=self.user_error if failed else False,
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, QwenBatchError) else f"{type(exc).__name__}: {text}"

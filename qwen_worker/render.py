@@ -1,0 +1,67 @@
+"""Rendering: group a shard's images by shape into micro-batches and run one pipeline call each.
+
+With CPU offload every forward streams all transformer blocks to the GPU, so several prompts per
+call amortise that transfer. Each image gets its own torch.Generator seeded from its row, so an
+image does not depend on which other images share its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from qwen_worker.rows import RenderRow
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """One image to render: image `index` of `row`."""
+
+    row: RenderRow
+    index: int
+
+    @property
+    def key(self) -> str:
+        return self.row.keys[self.index]
+
+    @property
+    def seed(self) -> int:
+        return self.row.image_seeds()[self.index]
+
+
+def micro_batches(rows: Iterable[RenderRow], batch_size: int) -> Iterator[list[ImageTask]]:
+    """Images grouped by shape key, in first-seen order, in chunks of at most `batch_size`.
+
+    Deterministic for a given row list, so the same shard renders the same calls everywhere.
+    """
+    groups: dict[tuple, list[ImageTask]] = {}
+    for row in rows:
+        for index in range(len(row.keys)):
+            groups.setdefault(row.shape_key, []).append(ImageTask(row, index))
+    for tasks in groups.values():
+        for start in range(0, len(tasks), batch_size):
+            yield tasks[start : start + batch_size]
+
+
+def render_batch(pipe, tasks: list[ImageTask]) -> list:
+    """Render one micro-batch (all tasks share a shape key); returns PIL images in task order.
+
+    Generators live on the CPU (diffusers draws the noise there and moves it), so the initial
+    noise of a seed is the same on every device.
+    """
+    import torch
+
+    first = tasks[0].row
+    generators = [torch.Generator("cpu").manual_seed(task.seed) for task in tasks]
+    output = pipe(
+        prompt=[task.row.prompt for task in tasks],
+        negative_prompt=[task.row.negative_prompt for task in tasks],
+        true_cfg_scale=first.true_cfg_scale,
+        width=first.width,
+        height=first.height,
+        num_inference_steps=first.steps,
+        generator=generators,
+        output_type="pil",
+    )
+    return list(output.images)
+
