@@ -1,0 +1,50 @@
+import os
+
+import click
+
+from jobs.cli.options import model_option, templates_option
+
+
+@click.command()
+@click.argument("manifest")
+@click.option("--output", "-o", required=True, help="Destination: a local directory or s3://bucket/prefix.")
+@model_option
+@click.option("--workers", type=click.IntRange(min=1), help="Number of workers (default: one per GPU; 1 CPU worker without GPUs).")
+@click.option("--shard-size", default=32, show_default=True, type=click.IntRange(min=1), help="Rows per shard (unit of work handed to a worker).")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1, 64), help="Images of one shape per pipeline call.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Job seed: rows without a `seed` get one derived from (job seed, id).")
+@click.option("--max-attempts", default=3, show_default=True, type=click.IntRange(1, 20), help="Attempts per row before it is marked failed.")
+@click.option("--overwrite", is_flag=True, help="Replace images already stored at the same keys.")
+@click.option("--resume-anyway", is_flag=True, help="Continue into an output that holds another job, keeping its stored images.")
+@click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS; none: local single-node mode).")
+@click.option("--model-dir", default=None, help="Local directory with the model files (air-gapped clusters).")
+@click.option("--offload", default="auto", show_default=True, help="CPU offload plan: auto|none|model|blocks:N.")
+@click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+@templates_option
+def submit(manifest, output, model, workers, shard_size, batch_size, seed, max_attempts, overwrite, resume_anyway,
+           address, model_dir, offload, no_progress, template_dirs):
+    """Render every row of MANIFEST into --output, each image exactly once.
+
+    Without --address or RAY_ADDRESS it runs in the foreground on a local Ray instance. Running the
+    same command again resumes: rows already stored are not rendered again.
+    """
+    from jobs.submit_api import submit_job
+
+    outcome = submit_job(
+        manifest, output, model=model, seed=seed, shard_size=shard_size, workers=workers, batch_size=batch_size,
+        max_attempts=max_attempts, overwrite=overwrite, resume_anyway=resume_anyway,
+        address=address or os.environ.get("RAY_ADDRESS") or None, show_progress=not no_progress,
+        template_dirs=template_dirs, model_dir=model_dir, offload=offload, echo=lambda t: click.echo(t, err=True),
+    )
+    click.echo(
+        f"job {outcome.job_id}: {outcome.done}/{outcome.total} rows stored "
+        f"({outcome.rendered} rendered now, {outcome.skipped} already done), {outcome.failed} failed"
+    )
+    if outcome.failed:
+        shown = ", ".join(outcome.failed_ids[:10]) + (" …" if len(outcome.failed_ids) > 10 else "")
+        click.echo(
+            f"{outcome.failed} row(s) failed ({shown}); errors are in {outcome.output.rstrip('/')}/results.parquet "
+            f"— see `qwen-batch status {outcome.output} --failed`; run the same submit again to retry them",
+            err=True,
+        )
+    return outcome.exit_code

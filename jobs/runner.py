@@ -1,0 +1,286 @@
+"""The driver: start RenderWorker actors on Ray and feed them shards until every row settles.
+
+Pull scheduling: an idle actor takes the next shard, so slow shapes never stall fast ones. Each
+actor streams back the results of every micro-batch; rows whose actor died (or that failed for a
+system reason) go back to the queue with backoff, bounded by `max_attempts` per row. A shard's
+ledger file is written once all its rows have settled.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from jobs.ledger import read_ledger, write_shard_ledger
+from jobs.manifest import ResolveContext, iter_raw_rows, open_parquet, resolve_row
+from jobs.plan import JobPlan
+from jobs.progress import ProgressBar
+from qwen_worker.errors import QwenBatchError, UserError
+from qwen_worker.presets import get_preset
+from qwen_worker.rows import RenderRow, RowResult, RowStatus
+from qwen_worker.store import Store
+
+
+@dataclass
+class RunOptions:
+    workers: int | None = None  # None: one per GPU, or 1 CPU actor when there is no GPU
+    batch_size: int = 4
+    max_attempts: int = 3
+    retry_backoff_s: float = 1.0
+    overwrite: bool = False
+    model_dir: str | None = None
+    offload: str = "auto"
+    show_progress: bool = True
+    template_dirs: tuple[str, ...] = ()
+
+
+@dataclass
+class JobOutcome:
+    job_id: str
+    output: str
+    total: int
+    done: int
+    failed: int
+    rendered: int  # rows rendered by this run
+    skipped: int  # rows already done before this run started
+    failed_ids: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.failed == 0 and self.done == self.total else 3
+
+
+@dataclass
+class ShardWork:
+    shard_index: int
+    rows: list[RenderRow]
+    attempt: int = 1
+    ready_at: float = 0.0
+
+
+class _ShardState:
+    """Results of one shard so far; complete when every row has a final result."""
+
+    def __init__(self, expected: set[int], results: dict[int, RowResult]):
+        self.expected = expected
+        self.results = results
+
+    @property
+    def complete(self) -> bool:
+        return self.expected.issubset(self.results)
+
+
+def connect_ray(address: str | None = None) -> bool:
+    """Connect to Ray: an existing cluster (`address`), the one this process already joined, or a new
+    local single-node instance. Returns True when this call started Ray (so it should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+    else:
+        ray.init(logging_level="WARNING", include_dashboard=True, dashboard_host="127.0.0.1")
+    return True
+
+
+def cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def start_workers(plan: JobPlan, options: RunOptions) -> list:
+    """One RenderWorker actor per GPU (capped by --workers), or --workers CPU actors (default 1)."""
+    import ray
+
+    from qwen_worker.actor import RenderWorker
+
+    preset = get_preset(plan.model)
+    gpus = cluster_gpus()
+    if preset.needs_cuda and gpus == 0:
+        raise UserError(
+            f"model {preset.name!r} needs GPUs and this Ray cluster has none "
+            "(use --model tiny on CPU, or point --address at a GPU cluster)"
+        )
+    use_gpus = gpus > 0 and preset.needs_cuda
+    count = min(options.workers or gpus, gpus) if use_gpus else (options.workers or 1)
+    resources = {"num_gpus": 1, "num_cpus": 1} if use_gpus else {"num_cpus": 1}
+    if preset.host_memory_gb >= 4:
+        resources["memory"] = int(preset.host_memory_gb * 1024**3)
+    remote_class = ray.remote(RenderWorker)
+    actors = []
+    for n in range(count):
+        name = f"qwen-worker-{plan.job_id}-{n}"
+        actors.append(
+            remote_class.options(name=name, max_restarts=3, max_task_retries=0, **resources).remote(
+                model=plan.model,
+                output_uri=plan.output,
+                overwrite=options.overwrite,
+                model_dir=options.model_dir,
+                offload=options.offload,
+                name=name,
+            )
+        )
+    return actors
+
+
+def plan_work(plan: JobPlan, context: ResolveContext, ledger: dict[int, RowResult], states: dict) -> Iterator[ShardWork]:
+    """Shards with their rows not yet done, streaming the manifest once."""
+    shard_rows: list[RenderRow] = []
+    current = 0
+
+    def flush(shard_index: int, rows: list[RenderRow]):
+        start, stop = plan.shard_range(shard_index)
+        known = {i: ledger[i] for i in range(start, stop) if i in ledger and ledger[i].status is RowStatus.DONE}
+        states[shard_index] = _ShardState(set(range(start, stop)), known)
+        return ShardWork(shard_index, rows) if rows else None
+
+    parquet_file = open_parquet(plan.manifest)
+    for index, raw in iter_raw_rows(parquet_file):
+        shard_index = plan.shard_of_row(index)
+        if shard_index != current:
+            work = flush(current, shard_rows)
+            if work:
+                yield work
+            current, shard_rows = shard_index, []
+        done = index in ledger and ledger[index].status is RowStatus.DONE
+        if not done:
+            shard_rows.append(resolve_row(index, raw, context))
+    work = flush(current, shard_rows)
+    if work:
+        yield work
+
+
+def run_job(plan: JobPlan, store: Store, options: RunOptions, *, address: str | None = None) -> JobOutcome:
+    """Render every row of `plan` not yet done; return counts once every row has settled."""
+    import ray
+
+    ledger = read_ledger(store, plan.job_id)
+    already_done = sum(1 for r in ledger.values() if r.status is RowStatus.DONE)
+    context = ResolveContext(preset=get_preset(plan.model), job_seed=plan.seed, template_dirs=options.template_dirs)
+    progress = ProgressBar(plan.rows, already_done=already_done, enabled=options.show_progress)
+    outcome = JobOutcome(plan.job_id, plan.output, plan.rows, already_done, 0, 0, already_done)
+    if already_done == plan.rows:
+        progress.close()
+        return outcome
+
+    owns_ray = connect_ray(address)
+    actors = start_workers(plan, options)
+    try:
+        _drive(plan, store, options, actors, plan_work(plan, context, ledger, states := {}), states, progress, outcome)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if owns_ray:
+            ray.shutdown()
+    progress.close()
+    return outcome
+
+
+def _drive(plan, store, options, actors, fresh_work, states, progress, outcome) -> None:
+    import ray
+
+    retry_queue: collections.deque[ShardWork] = collections.deque()
+    idle = list(actors)
+    in_flight: dict = {}  # generator -> (actor, ShardWork, settled row indices)
+    attempts: dict[int, int] = {}
+
+    def next_work() -> ShardWork | None:
+        now = time.monotonic()
+        for _ in range(len(retry_queue)):
+            work = retry_queue.popleft()
+            if work.ready_at <= now:
+                return work
+            retry_queue.append(work)
+        return next(fresh_work, None)
+
+    def settle(work: ShardWork, result: RowResult) -> None:
+        result.attempts = work.attempt
+        state = states[work.shard_index]
+        state.results[result.row_index] = result
+        if result.status is RowStatus.DONE:
+            outcome.done += 1
+            outcome.rendered += int(result.rendered)
+            progress.update(done=1)
+        else:
+            outcome.failed += 1
+            outcome.failed_ids.append(result.id)
+            progress.update(failed=1)
+        if state.complete:
+            write_shard_ledger(store, plan.job_id, work.shard_index, list(state.results.values()))
+            del states[work.shard_index]
+
+    def retry_or_fail(work: ShardWork, rows: list[RenderRow], error: str) -> None:
+        if work.attempt >= options.max_attempts:
+            for row in rows:
+                settle(work, _failed(row, f"gave up after {work.attempt} attempts: {error}"))
+            return
+        delay = options.retry_backoff_s * (2 ** (work.attempt - 1))
+        retry_queue.append(ShardWork(work.shard_index, rows, work.attempt + 1, time.monotonic() + delay))
+
+    def dispatch(actor, work: ShardWork) -> None:
+        generator = actor.render_shard.options(num_returns="streaming").remote(work.rows, options.batch_size)
+        in_flight[generator] = (actor, work, set())
+
+    def unsettled(work: ShardWork, seen: set[int]) -> list[RenderRow]:
+        return [row for row in work.rows if row.row_index not in seen]
+
+    while True:
+        while idle and (work := next_work()) is not None:
+            dispatch(idle.pop(), work)
+        if not in_flight:
+            if not retry_queue:
+                break  # every row has settled
+            time.sleep(0.05)  # what is left is waiting out its backoff
+            continue
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+        for generator in ready:
+            actor, work, seen = in_flight[generator]
+            try:
+                results = ray.get(next(generator))
+            except StopIteration:  # the shard is finished on this actor
+                del in_flight[generator]
+                idle.append(actor)
+                continue
+            except ray.exceptions.ActorDiedError as exc:  # gone for good (restarts used up)
+                del in_flight[generator]
+                retry_or_fail(work, unsettled(work, seen), f"worker lost: {_first_line(exc)}")
+                if not idle and not in_flight:
+                    raise QwenBatchError(
+                        "every worker died; stored rows are kept, run the same submit again to resume"
+                    ) from None
+                continue
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                del in_flight[generator]  # Ray is restarting it; calls wait until it is back
+                retry_or_fail(work, unsettled(work, seen), f"worker lost: {_first_line(exc)}")
+                idle.append(actor)
+                continue
+            except ray.exceptions.RayTaskError as exc:  # the shard call itself raised
+                del in_flight[generator]
+                retry_or_fail(work, unsettled(work, seen), _first_line(exc.cause or exc))
+                idle.append(actor)
+                continue
+            retry_rows = []
+            for result in results:
+                seen.add(result.row_index)
+                if result.status is RowStatus.FAILED and not result.user_error and work.attempt < options.max_attempts:
+                    retry_rows.append(next(r for r in work.rows if r.row_index == result.row_index))
+                else:
+                    settle(work, result)
+            if retry_rows:
+                retry_or_fail(work, retry_rows, "row failed")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _failed(row: RenderRow, error: str) -> RowResult:
+    return RowResult(
+        row_index=row.row_index, id=row.id, status=RowStatus.FAILED, keys=list(row.keys), seed=row.seed,
+        rendered=False, error=error,
+    )

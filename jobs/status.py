@@ -1,0 +1,35 @@
+"""Job status from what is stored in the output (job.json + ledger); needs no Ray."""
+
+from __future__ import annotations
+
+from jobs.ledger import count_by_status, read_ledger
+from jobs.plan import JOB_RECORD_KEY, JobPlan
+from qwen_worker.errors import UserError
+from qwen_worker.rows import RowStatus
+from qwen_worker.store import open_store
+
+
+def job_status(dest: str) -> dict:
+    store = open_store(dest)
+    try:
+        plan = JobPlan.from_json(store.get(JOB_RECORD_KEY))
+    except KeyError:
+        raise UserError(f"no job found in {dest} (it has no {JOB_RECORD_KEY})") from None
+    ledger = read_ledger(store, plan.job_id)
+    counts = count_by_status(ledger)
+    done, failed = counts[RowStatus.DONE.value], counts[RowStatus.FAILED.value]
+    return {
+        "job_id": plan.job_id,
+        "output": plan.output,
+        "model": plan.model,
+        "manifest": plan.manifest_source,
+        "total": plan.rows,
+        "done": done,
+        "failed": failed,
+        "pending": plan.rows - done - failed,
+        "failed_rows": [
+            {"row_index": r.row_index, "id": r.id, "error": r.error}
+            for r in sorted(ledger.values(), key=lambda r: r.row_index)
+            if r.status is RowStatus.FAILED
+        ],
+    }

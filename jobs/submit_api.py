@@ -1,0 +1,118 @@
+"""Submitting a job from Python: validate, claim the output, run, merge results.
+
+The CLI's `submit` and the scheduler both call `submit_job`; tests call `prepare_job` + `run_job`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from jobs.ledger import read_ledger
+from jobs.manifest import ResolveContext, validate_manifest
+from jobs.plan import MANIFEST_COPY_KEY, JobPlan, claim_job, file_sha256, make_job_id, now_utc, versions
+from jobs.results import write_results
+from jobs.runner import JobOutcome, RunOptions, run_job
+from qwen_worker.presets import get_preset
+from qwen_worker.store import Store, open_store
+
+DEFAULT_SHARD_SIZE = 32
+
+
+@dataclass
+class PreparedJob:
+    plan: JobPlan
+    store: Store
+    resumed: bool
+
+
+def output_key_uri(output: str, key: str) -> str:
+    return f"{output.rstrip('/')}/{key}"
+
+
+def prepare_job(
+    manifest: str,
+    output: str,
+    *,
+    model: str,
+    seed: int = 0,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    resume_anyway: bool = False,
+    template_dirs: tuple[str, ...] = (),
+    options: dict | None = None,
+) -> PreparedJob:
+    """Validate the manifest (before anything is written or loaded), then claim the output:
+    a new job writes job.json and a copy of a local manifest; the same job again is a resume."""
+    preset = get_preset(model)
+    summary = validate_manifest(manifest, ResolveContext(preset=preset, job_seed=seed, template_dirs=template_dirs))
+    store = open_store(output, overwrite=overwrite)
+    store.check_writable()
+    manifest_sha256 = file_sha256(manifest)
+    in_place = manifest.startswith("s3://")
+    plan = JobPlan(
+        job_id=make_job_id(manifest_sha256, model, seed, store.uri),
+        manifest=manifest if in_place else output_key_uri(store.uri, MANIFEST_COPY_KEY),
+        manifest_source=manifest,
+        manifest_sha256=manifest_sha256,
+        output=store.uri,
+        model=model,
+        seed=seed,
+        rows=summary.rows,
+        shard_size=shard_size,
+        options=dict(options or {}),
+        versions=versions(),
+        created=now_utc(),
+    )
+    claimed = claim_job(store, plan, resume_anyway=resume_anyway, overwrite=overwrite)
+    resumed = claimed is not plan
+    if not in_place and (not resumed or not store.exists(MANIFEST_COPY_KEY)):
+        with open(manifest, "rb") as f:
+            store.put(MANIFEST_COPY_KEY, f.read())
+    return PreparedJob(claimed, store, resumed)
+
+
+def finish_job(prepared: PreparedJob, template_dirs=()) -> None:
+    """Merge the ledger into results.parquet (also after a partial run: unfinished rows are 'pending')."""
+    write_results(prepared.store, prepared.plan, read_ledger(prepared.store, prepared.plan.job_id), template_dirs)
+
+
+def submit_job(
+    manifest: str,
+    output: str,
+    *,
+    model: str = "qwen-image-df11",
+    seed: int = 0,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    workers: int | None = None,
+    batch_size: int = 4,
+    max_attempts: int = 3,
+    overwrite: bool = False,
+    resume_anyway: bool = False,
+    address: str | None = None,
+    show_progress: bool = True,
+    template_dirs: tuple[str, ...] = (),
+    model_dir: str | None = None,
+    offload: str = "auto",
+    job_id: str | None = None,
+    echo=None,
+) -> JobOutcome:
+    """Run a whole job in the foreground and return its outcome."""
+    echo = echo or (lambda text: print(text, file=sys.stderr))
+    options = {"batch_size": batch_size, "max_attempts": max_attempts, "offload": offload}
+    if job_id:
+        options["run_id"] = job_id
+    prepared = prepare_job(
+        manifest, output, model=model, seed=seed, shard_size=shard_size, overwrite=overwrite,
+        resume_anyway=resume_anyway, template_dirs=template_dirs, options=options,
+    )
+    plan = prepared.plan
+    verb = "resuming" if prepared.resumed else "starting"
+    echo(f"{verb} job {plan.job_id}: {plan.rows} rows, model {plan.model}, output {plan.output}")
+    run_options = RunOptions(
+        workers=workers, batch_size=batch_size, max_attempts=max_attempts, overwrite=overwrite,
+        model_dir=model_dir, offload=offload, show_progress=show_progress, template_dirs=template_dirs,
+    )
+    outcome = run_job(plan, prepared.store, run_options, address=address)
+    finish_job(prepared, template_dirs)
+    return outcome

@@ -1,0 +1,449 @@
+"""Prompt templates: one YAML file per scenario (travel-guide page, product poster, menu, …).
+
+A template file holds `name`, `description`, `language` (en|zh|auto), `aspect_ratio` (one of
+Qwen-Image's), `negative_prompt`, `params` (name -> {description, required, default, example,
+alternatives}) and `prompt`, a Jinja2 template. Text that must be drawn in the image goes through
+the `quoted` filter, which wraps it in double quotes and changes nothing else:
+
+    prompt: A poster with the title {{ title | quoted }} …      # -> … the title "故宫 · The Forbidden City" …
+    prompt: 海报标题为{{ title | quoted("zh") }}                 # -> 海报标题为“故宫”
+
+Autoescaping is off (a prompt is not HTML) and undefined names are errors (StrictUndefined).
+
+Built-in templates live in the repository's top-level `templates/` directory. After a regular
+(non-editable) install they are found in `jobs/builtin_templates/`, where pyproject.toml maps
+that directory at build time (see `builtin_templates_dir`). User directories add templates or
+replace built-ins of the same name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jinja2
+import jinja2.meta
+import jinja2.sandbox
+import yaml
+
+from qwen_worker.errors import UserError
+
+LANGUAGES = ("en", "zh", "auto")
+# Qwen-Image's aspect-ratio table (width x height), see FACTS.md.
+ASPECT_RATIOS = {
+    "1:1": (1328, 1328),
+    "16:9": (1664, 928),
+    "9:16": (928, 1664),
+    "4:3": (1472, 1104),
+    "3:4": (1104, 1472),
+    "3:2": (1584, 1056),
+    "2:3": (1056, 1584),
+}
+TEMPLATE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+PARAM_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+_TEMPLATE_FIELDS = {"name", "description", "language", "aspect_ratio", "negative_prompt", "params", "prompt"}
+_PARAM_FIELDS = {"description", "required", "default", "example", "alternatives"}
+_QUOTES = {"en": ('"', '"'), "zh": ("\u201c", "\u201d")}  # "…" and “…”
+# `quoted` marks its output with these two private-use characters so that the whitespace tidy-up
+# after rendering (YAML line folding, empty `{% if %}` blocks) never touches quoted text.
+_KEEP_OPEN, _KEEP_CLOSE = "\ue000", "\ue001"
+_TIDY_RE = re.compile(f"({_KEEP_OPEN}[^{_KEEP_CLOSE}]*{_KEEP_CLOSE})|(\\s+)")
+_CJK_RE = re.compile("[\u2e80-\u9fff\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef\u201c\u201d]")
+
+
+class TemplateError(UserError):
+    """A template file is broken, or a template was given params it cannot render."""
+
+
+# ---------------------------------------------------------------------------------------------
+# params
+
+
+def parse_params(value: Any) -> dict:
+    """Params as a dict, from a dict or a JSON string holding an object.
+
+    Raises TemplateError("params must be a JSON object, got: …") for anything else
+    (a JSON list, a number, invalid JSON, None).
+    """
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", errors="replace")
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value, parse_constant=_reject_constant)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            return parsed
+    raise TemplateError(f"params must be a JSON object, got: {_show(value)}")
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _value_problem(name: str, value: Any) -> str | None:
+    """Why `value` cannot be a param value (strings and finite numbers only), or None."""
+    ok = isinstance(value, str) or (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    )
+    if ok:
+        return None
+    return f"param `{name}` must be a string or a number, got: {type(value).__name__} {_show(value)}"
+
+
+def _ticks(names) -> str:
+    return ", ".join(f"`{n}`" for n in names)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Jinja2 environment
+
+
+def quoted(value: Any, style: str = "en") -> str:
+    """Wrap text that must be drawn in the image in double quotes, verbatim (no escaping).
+
+    style "en" gives "…", style "zh" gives “…” (the quotes Chinese prompts use)."""
+    if style not in _QUOTES:
+        raise jinja2.TemplateRuntimeError(f"quoted: style must be 'en' or 'zh', got: {style!r}")
+    if value is None or isinstance(value, jinja2.Undefined):
+        raise jinja2.TemplateRuntimeError("quoted: got no value")
+    opening, closing = _QUOTES[style]
+    return f"{_KEEP_OPEN}{opening}{value}{closing}{_KEEP_CLOSE}"
+
+
+def _tidy(text: str) -> str:
+    """Collapse the template's own whitespace: runs become one space, and disappear at the ends
+    and between two CJK characters (YAML folds lines with a space, which Chinese does not use).
+    Quoted text (between the markers) is kept byte for byte."""
+
+    def neighbour(index: int, step: int) -> str:
+        while 0 <= index < len(text) and text[index] in (_KEEP_OPEN, _KEEP_CLOSE):
+            index += step
+        return text[index] if 0 <= index < len(text) else ""
+
+    def replace(match: re.Match) -> str:
+        if match.group(1):
+            return match.group(1)
+        before, after = neighbour(match.start() - 1, -1), neighbour(match.end(), 1)
+        if not before or not after or (_CJK_RE.match(before) and _CJK_RE.match(after)):
+            return ""
+        return " "
+
+    return _TIDY_RE.sub(replace, text).replace(_KEEP_OPEN, "").replace(_KEEP_CLOSE, "")
+
+
+def _make_environment() -> jinja2.Environment:
+    env = jinja2.sandbox.SandboxedEnvironment(
+        autoescape=False,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=False,
+    )
+    env.filters["quoted"] = quoted
+    return env
+
+
+_ENV = _make_environment()
+
+
+# ---------------------------------------------------------------------------------------------
+# Template
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    description: str
+    required: bool
+    example: Any
+    default: Any = None  # only for optional params (required: false), which must have one
+    alternatives: tuple = ()  # more example values, used to vary sample manifests
+
+    @property
+    def examples(self) -> tuple:
+        return (self.example, *self.alternatives)
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    description: str
+    language: str
+    aspect_ratio: str
+    negative_prompt: str
+    params: Mapping[str, Param]
+    prompt: str  # the Jinja2 source
+    source: str = ""  # the file it came from
+    _compiled: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the template's aspect ratio in Qwen-Image's table."""
+        return ASPECT_RATIOS[self.aspect_ratio]
+
+    def required_params(self) -> list[str]:
+        return [p.name for p in self.params.values() if p.required]
+
+    def sample_params(self, variant: int = 0) -> dict:
+        """Params built from the examples; `variant` n picks each param's n-th example value
+        (cycling through `example` + `alternatives`), so sample manifests vary deterministically."""
+        return {p.name: p.examples[variant % len(p.examples)] for p in self.params.values()}
+
+    def check_params(self, params: Any) -> dict:
+        """The params with defaults filled in; TemplateError naming the broken rule otherwise."""
+        given = parse_params(params)
+        where = f"template '{self.name}'"
+        unknown = [k for k in given if k not in self.params]
+        if unknown:
+            raise TemplateError(
+                f"{where}: unknown param(s) {_ticks(unknown)} (expected: {_ticks(self.params) or 'none'})"
+            )
+        missing = [p.name for p in self.params.values() if p.required and given.get(p.name) is None]
+        if missing:
+            raise TemplateError(f"{where}: missing param(s) {_ticks(missing)}")
+        values = {}
+        for p in self.params.values():
+            value = given.get(p.name)
+            if value is None:
+                value = p.default
+            problem = _value_problem(p.name, value)
+            if problem:
+                raise TemplateError(f"{where}: {problem}")
+            if p.required and isinstance(value, str) and not value.strip():
+                raise TemplateError(f"{where}: param `{p.name}` is required and must not be empty")
+            if isinstance(value, str) and (_KEEP_OPEN in value or _KEEP_CLOSE in value):
+                raise TemplateError(f"{where}: param `{p.name}` contains a reserved character (U+E000 or U+E001)")
+            values[p.name] = value
+        return values
+
+    def render(self, params: Any) -> str:
+        """The prompt text for `params` (a dict or a JSON object string).
+
+        The template's own whitespace is tidied (see `_tidy`); quoted text is never altered."""
+        values = self.check_params(params)
+        try:
+            return _tidy(self._compiled.render(values))
+        except jinja2.TemplateError as exc:
+            raise TemplateError(f"template '{self.name}' ({self.source}): {exc}") from None
+
+    def row_defaults(self) -> dict:
+        """Manifest columns a row rendered from this template gets unless it sets them."""
+        return {
+            "language": self.language,
+            "aspect_ratio": self.aspect_ratio,
+            "negative_prompt": self.negative_prompt,
+        }
+
+
+def _template_from_mapping(data: Any, source: str) -> Template:
+    def bad(message: str) -> TemplateError:
+        return TemplateError(f"bad template file {source}: {message}")
+
+    if not isinstance(data, dict):
+        raise bad(f"expected a mapping at the top level, got: {type(data).__name__}")
+    missing = sorted(_TEMPLATE_FIELDS - set(data))
+    if missing:
+        raise bad(f"missing field(s) {_ticks(missing)}")
+    unknown = sorted(set(data) - _TEMPLATE_FIELDS)
+    if unknown:
+        raise bad(f"unknown field(s) {_ticks(unknown)} (expected: {_ticks(sorted(_TEMPLATE_FIELDS))})")
+
+    name = data["name"]
+    if not isinstance(name, str) or not TEMPLATE_NAME_RE.match(name):
+        raise bad(f"`name` must be lowercase letters, digits and dashes (at most 63), got: {_show(name)}")
+    stem = Path(source).stem
+    if stem != name:
+        raise bad(f"`name` must match the file name {stem!r}, got: {name!r}")
+    for key in ("description", "prompt"):
+        if not isinstance(data[key], str) or not data[key].strip():
+            raise bad(f"`{key}` must be a non-empty string, got: {_show(data[key])}")
+    if not isinstance(data["negative_prompt"], str):
+        raise bad(f"`negative_prompt` must be a string (\" \" for none), got: {_show(data['negative_prompt'])}")
+    if data["language"] not in LANGUAGES:
+        raise bad(f"`language` must be one of {', '.join(LANGUAGES)}, got: {_show(data['language'])}")
+    ratio = data["aspect_ratio"]
+    if ratio not in ASPECT_RATIOS:
+        hint = " (quote it in YAML, e.g. \"3:4\": unquoted, YAML reads 3:4 as a number)" if isinstance(ratio, int) else ""
+        raise bad(f"`aspect_ratio` must be one of {' '.join(ASPECT_RATIOS)}, got: {_show(ratio)}{hint}")
+
+    raw_params = data["params"] or {}
+    if not isinstance(raw_params, dict):
+        raise bad(f"`params` must be a mapping of name -> spec, got: {type(raw_params).__name__}")
+    params: dict[str, Param] = {}
+    for pname, spec in raw_params.items():
+        if not isinstance(pname, str) or not PARAM_NAME_RE.match(pname):
+            raise bad(f"param name must be an identifier, got: {_show(pname)}")
+        if not isinstance(spec, dict):
+            raise bad(f"param `{pname}`: expected a mapping, got: {type(spec).__name__}")
+        unknown = sorted(set(spec) - _PARAM_FIELDS)
+        if unknown:
+            raise bad(f"param `{pname}`: unknown field(s) {_ticks(unknown)} (expected: {_ticks(sorted(_PARAM_FIELDS))})")
+        for key in ("description", "required", "example"):
+            if key not in spec:
+                raise bad(f"param `{pname}`: missing field `{key}`")
+        required = spec["required"]
+        if not isinstance(required, bool):
+            raise bad(f"param `{pname}`: `required` must be true or false, got: {_show(required)}")
+        if required and "default" in spec:
+            raise bad(f"param `{pname}`: a required param takes no `default`")
+        if not required and "default" not in spec:
+            raise bad(f"param `{pname}`: an optional param needs a `default` (\"\" for none)")
+        alternatives = spec.get("alternatives") or []
+        if not isinstance(alternatives, list):
+            raise bad(f"param `{pname}`: `alternatives` must be a list, got: {type(alternatives).__name__}")
+        param = Param(
+            name=pname,
+            description=str(spec["description"]),
+            required=required,
+            example=spec["example"],
+            default=spec.get("default"),
+            alternatives=tuple(alternatives),
+        )
+        for value in param.examples + (() if required else (param.default,)):
+            problem = _value_problem(pname, value)
+            if problem:
+                raise bad(problem)
+        params[pname] = param
+
+    try:
+        ast = _ENV.parse(data["prompt"])
+        compiled = _ENV.from_string(data["prompt"])
+    except jinja2.TemplateSyntaxError as exc:
+        raise bad(f"Jinja2 syntax error in `prompt` line {exc.lineno}: {exc.message}") from None
+    used = jinja2.meta.find_undeclared_variables(ast)
+    undeclared = sorted(used - set(params))
+    if undeclared:
+        raise bad(f"`prompt` uses undeclared param(s) {_ticks(undeclared)} (declare them under `params`)")
+    unused = [p for p in params if p not in used]
+    if unused:
+        raise bad(f"param(s) {_ticks(unused)} declared but never used in `prompt`")
+
+    template = Template(
+        name=name,
+        description=data["description"].strip(),
+        language=data["language"],
+        aspect_ratio=ratio,
+        negative_prompt=data["negative_prompt"],
+        params=params,
+        prompt=data["prompt"],
+        source=source,
+        _compiled=compiled,
+    )
+    for variant in range(max(len(p.examples) for p in params.values()) if params else 1):
+        try:
+            template.render(template.sample_params(variant))
+        except TemplateError as exc:
+            raise bad(f"does not render with its example params: {exc}") from None
+    return template
+
+
+def load_template_file(path: str | Path) -> Template:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TemplateError(f"cannot read template file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise TemplateError(f"bad template file {path}: YAML error{where}: {problem}") from None
+    return _template_from_mapping(data, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# the library
+
+
+def builtin_templates_dir() -> Path:
+    """Where the built-in templates are.
+
+    In a source checkout or an editable install: `<repo>/templates/` next to the `jobs` package.
+    In a wheel install: `jobs/builtin_templates/`, which pyproject.toml maps from `templates/`
+    (`package-dir = {"jobs.builtin_templates" = "templates"}` + package-data `*.yaml`)."""
+    package_dir = Path(__file__).resolve().parent
+    for candidate in (package_dir / "builtin_templates", package_dir.parent / "templates"):
+        if candidate.is_dir():
+            return candidate
+    raise TemplateError(
+        f"built-in templates not found (looked in {package_dir / 'builtin_templates'} "
+        f"and {package_dir.parent / 'templates'}); reinstall qwen-batch"
+    )
+
+
+class TemplateLibrary:
+    """Templates by name: built-ins, then user directories (later ones replace earlier names)."""
+
+    def __init__(self, templates: Mapping[str, Template] | None = None):
+        self._templates: dict[str, Template] = dict(templates or {})
+
+    def add_dir(self, directory: str | Path, *, must_exist: bool = True) -> None:
+        directory = Path(directory).expanduser()
+        if not directory.is_dir():
+            if must_exist:
+                raise TemplateError(f"template directory not found: {directory}")
+            return
+        for path in sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml")):
+            template = load_template_file(path)
+            self._templates[template.name] = template
+
+    def names(self) -> list[str]:
+        return sorted(self._templates)
+
+    def get(self, name: str) -> Template:
+        try:
+            return self._templates[name]
+        except KeyError:
+            raise TemplateError(f"unknown template {name!r} (known: {', '.join(self.names()) or 'none'})") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._templates
+
+    def __iter__(self):
+        return iter(self._templates[n] for n in self.names())
+
+    def __len__(self) -> int:
+        return len(self._templates)
+
+    def render(self, name: str, params: Any) -> str:
+        return self.get(name).render(params)
+
+
+def load_library(extra_dirs: Sequence[str | Path] = (), *, builtin: bool = True) -> TemplateLibrary:
+    """Built-in templates plus those in `extra_dirs` (a user file replaces a built-in of the same name)."""
+    library = TemplateLibrary()
+    if builtin:
+        library.add_dir(builtin_templates_dir())
+    for directory in extra_dirs:
+        library.add_dir(directory)
+    return library
+
+
+__all__ = [
+    "ASPECT_RATIOS",
+    "LANGUAGES",
+    "Param",
+    "Template",
+    "TemplateError",
+    "TemplateLibrary",
+    "builtin_templates_dir",
+    "load_library",
+    "load_template_file",
+    "parse_params",
+    "quoted",
+]
