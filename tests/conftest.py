@@ -1,0 +1,69 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a model hub
+
+import uuid  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------
+# S3: one real SeaweedFS server per session (tests/s3_server.py), a fresh bucket per test, and
+# fault-injecting proxies in front of it (tests/fault_proxy.py).
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A running SeaweedFS S3 server (auth on) for the whole session: an S3Server with
+    .endpoint, .access_key, .secret_key, .client(). Sets no environment variables."""
+    from s3_server import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("seaweedfs") / "data")
+    yield server
+    server.kill()  # its data is thrown away: no need to wait for a clean shutdown
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The standard AWS environment pointed at `s3_server` (endpoint, keys, region), isolated from
+    ~/.aws and instance metadata, for this test only. Yields the server."""
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3",
+                 "AWS_DEFAULT_REGION", "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    yield s3_server
+
+
+@pytest.fixture
+def s3_bucket(s3_env):
+    """A fresh, empty bucket for this test; yields the output URI 's3://<bucket>/out'."""
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    s3_env.client().create_bucket(Bucket=bucket)
+    yield f"s3://{bucket}/out"
+
+
+@pytest.fixture
+def fault_proxy(s3_server):
+    """Factory: fault_proxy(seed=0, upstream=None, **rates) -> a started FaultProxy in front of
+    `s3_server` (or `upstream`); all are stopped after the test. Point AWS_ENDPOINT_URL at
+    `proxy.endpoint` to use it."""
+    from fault_proxy import FaultProxy
+
+    proxies = []
+
+    def make(*, seed: int = 0, upstream: str | None = None, **rates) -> FaultProxy:
+        proxy = FaultProxy(upstream or s3_server.endpoint, seed=seed, **rates).start()
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()
+
+
+# ------------------------------------- end of S3 fixtures -------------------------------------
