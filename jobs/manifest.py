@@ -516,7 +516,7 @@ def _duplicates(parquet_file, hashes, rows, field_name: str) -> list[str]:
         dup_id, first_id = raws[dup].get("id"), raws[first].get("id")
         if field_name == "id":
             messages.append(row_error(dup, dup_id, "id", f"must be unique (row {first} has it too)", dup_id))
-        else:
+        elif dup_id != first_id:  # rows sharing an id are already reported as duplicate ids
             key = _shared_key(raws[dup], raws[first])
             messages.append(
                 row_error(dup, dup_id, "output_key", f"must not repeat an image key of row {first} (id {first_id!r})", key)

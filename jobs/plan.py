@@ -110,6 +110,8 @@ def claim_job(store: Store, plan: JobPlan, *, resume_anyway: bool, overwrite: bo
             "or --overwrite to re-render and replace them"
         )
     plan.replaces = stored.job_id
+    if resume_anyway:
+        plan.options["existing"] = "any"  # keep the images stored there, on this run and resumes
     store.put(JOB_RECORD_KEY, plan.to_json())
     return plan
 

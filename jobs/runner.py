@@ -122,6 +122,8 @@ def start_workers(plan: JobPlan, options: RunOptions) -> list:
                 model_dir=options.model_dir,
                 offload=options.offload,
                 name=name,
+                manifest_sha256=plan.manifest_sha256,
+                existing="replace" if options.overwrite else plan.options.get("existing", "ours"),
             )
         )
     return actors

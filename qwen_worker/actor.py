@@ -12,7 +12,7 @@ import socket
 import time
 from typing import Iterator
 
-from qwen_worker.encode import content_type, encode_image
+from qwen_worker.encode import content_type, encode_image, read_provenance
 from qwen_worker.errors import QwenBatchError, UserError
 from qwen_worker.presets import get_preset
 from qwen_worker.render import ImageTask, micro_batches, render_batch
@@ -30,9 +30,16 @@ class RenderWorker:
         model_dir: str | None = None,
         offload: str = "auto",
         name: str = "",
+        manifest_sha256: str = "",
+        existing: str = "ours",
     ):
+        """`existing` says what to do with an image already stored at a row's key: "ours" keeps it
+        when its embedded provenance is this row's (a crash came before the ledger), "any" keeps
+        whatever is there (--resume-anyway), "replace" renders again (--overwrite)."""
         self.preset = get_preset(model)
-        self.store = open_store(output_uri, overwrite=overwrite)
+        self.store = open_store(output_uri, overwrite=overwrite or existing == "replace")
+        self.manifest_sha256 = manifest_sha256
+        self.existing = existing
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         started = time.perf_counter()
         from qwen_worker.loading import load_pipeline
@@ -54,9 +61,9 @@ class RenderWorker:
     def _render_and_store(self, tasks: list[ImageTask], pending: dict) -> list[RowResult]:
         to_render = []
         for task in tasks:
-            stored = self.store.stored_sha256(task.key)
-            if stored is not None:  # written by an earlier attempt whose result was lost
-                pending[task.row.row_index].add(task.index, stored, rendered=False)
+            stored = self._keepable_stored_image(task)
+            if stored is not None:
+                pending[task.row.row_index].add(task.index, sha256_hex(stored), rendered=False)
             else:
                 to_render.append(task)
         if to_render:
@@ -71,7 +78,7 @@ class RenderWorker:
                 progress.render_s += render_s
                 try:
                     started = time.perf_counter()
-                    data = encode_image(image, task.row.format)
+                    data = encode_image(image, task.row.format, self.provenance(task))
                     self.store.put_new(task.key, data, content_type=content_type(task.row.format))
                     progress.upload_s += time.perf_counter() - started
                 except Exception as exc:
@@ -79,6 +86,39 @@ class RenderWorker:
                     continue
                 progress.add(task.index, sha256_hex(data), rendered=True)
         return self._collect(tasks, pending)
+
+    def provenance(self, task: ImageTask) -> dict:
+        """What the image embeds about how it was made (no output location: same bytes anywhere)."""
+        row = task.row
+        return {
+            "generator": "qwen-batch",
+            "model": self.preset.name,
+            "manifest_sha256": self.manifest_sha256,
+            "id": row.id,
+            "image": task.index,
+            "seed": task.seed,
+            "prompt": row.prompt,
+            "negative_prompt": row.negative_prompt,
+            "width": row.width,
+            "height": row.height,
+            "steps": row.steps,
+            "true_cfg_scale": row.true_cfg_scale,
+        }
+
+    def _keepable_stored_image(self, task: ImageTask) -> bytes | None:
+        """The bytes already stored at the task's key, when the policy says to keep them."""
+        if self.existing == "replace":
+            return None
+        try:
+            data = self.store.get(task.key)
+        except KeyError:
+            return None
+        if self.existing == "any":
+            return data
+        found = read_provenance(data) or {}
+        mine = self.provenance(task)
+        same = all(found.get(field) == mine[field] for field in ("model", "manifest_sha256", "id", "image", "seed"))
+        return data if same else None  # a foreign file: rendering will report the conflict
 
     def _fail(self, tasks, pending, exc) -> list[RowResult]:
         for task in tasks:

@@ -67,3 +67,50 @@ def fault_proxy(s3_server):
 
 
 # ------------------------------------- end of S3 fixtures -------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray and jobs: one local Ray instance for the whole session, small manifests written per test.
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray instance shared by every test (start-up costs seconds on 2 cores).
+    Yields its GCS address so CLI subprocesses can join it through RAY_ADDRESS."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        object_store_memory=80 * 1024 * 1024,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from qwen_worker.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(seed=0)
+
+
+@pytest.fixture
+def write_manifest(tmp_path):
+    """Factory: write_manifest(rows, name=..., **write_options) -> path of a Parquet manifest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write(rows, name="manifest.parquet", schema=None, **options):
+        path = tmp_path / name
+        columns = list(dict.fromkeys(key for row in rows for key in row))  # every row's columns
+        if schema is None:
+            table = pa.table({column: [row.get(column) for row in rows] for column in columns})
+        else:
+            table = pa.Table.from_pylist(rows, schema=schema)
+        pq.write_table(table, path, **options)
+        return str(path)
+
+    return write
+
