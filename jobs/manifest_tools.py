@@ -198,10 +198,10 @@ def build_manifest(
     seen_ids: dict[str, str] = {}
     extra_columns: list[str] = []
     for where, record in records:
-        label = where
+        row_id = record.get("id")
+        label = f"{where} (id {row_id!r})" if isinstance(row_id, str) and row_id.strip() else where
         try:
             row, extras = _build_row(record, template=template, library=library)
-            label = f"{where} (id {row['id']!r})"
             if row["id"] in seen_ids:
                 raise _RowError(f"`id` must be unique, got: {row['id']!r} (also on {seen_ids[row['id']]})")
             seen_ids[row["id"]] = where

@@ -9,10 +9,13 @@ the `quoted` filter, which wraps it in double quotes and changes nothing else:
     prompt: 海报标题为{{ title | quoted("zh") }}                 # -> 海报标题为“故宫”
 
 Autoescaping is off (a prompt is not HTML) and undefined names are errors (StrictUndefined).
+After rendering, the template's OWN whitespace is tidied (runs of spaces from YAML line folding or
+an empty `{% if %}` block become one space, none between two CJK characters); quoted text is
+kept byte for byte.
 
 Built-in templates live in the repository's top-level `templates/` directory. After a regular
-(non-editable) install they are found in `jobs/builtin_templates/`, where pyproject.toml maps
-that directory at build time (see `builtin_templates_dir`). User directories add templates or
+(non-editable) install they are found in `jobs/builtin_templates/`: pyproject.toml maps
+`templates/` there at build time (see `builtin_templates_dir`). User directories add templates or
 replace built-ins of the same name.
 """
 
@@ -31,18 +34,9 @@ import jinja2.sandbox
 import yaml
 
 from qwen_worker.errors import UserError
+from qwen_worker.presets import ASPECT_RATIOS  # Qwen-Image's table, (width, height) by ratio
 
 LANGUAGES = ("en", "zh", "auto")
-# Qwen-Image's aspect-ratio table (width x height), see FACTS.md.
-ASPECT_RATIOS = {
-    "1:1": (1328, 1328),
-    "16:9": (1664, 928),
-    "9:16": (928, 1664),
-    "4:3": (1472, 1104),
-    "3:4": (1104, 1472),
-    "3:2": (1584, 1056),
-    "2:3": (1056, 1584),
-}
 TEMPLATE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 PARAM_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 

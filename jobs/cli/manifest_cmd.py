@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from jobs.cli.templates_cmd import TEMPLATES_OPTION
+from jobs.cli.options import templates_option
 
 TEMPLATE_OPTION = click.option(
     "--template",
@@ -34,7 +34,7 @@ def _convert(in_path, out_path, input_format, template, template_dirs):
 @click.argument("in_path", metavar="IN", type=click.Path(dir_okay=False))
 @click.argument("out_path", metavar="OUT.parquet", type=click.Path(dir_okay=False))
 @TEMPLATE_OPTION
-@TEMPLATES_OPTION
+@templates_option
 def from_csv(in_path, out_path, template, template_dirs):
     """Convert a CSV file (header line, UTF-8) into a Parquet manifest."""
     return _convert(in_path, out_path, "csv", template, template_dirs)
@@ -44,7 +44,7 @@ def from_csv(in_path, out_path, template, template_dirs):
 @click.argument("in_path", metavar="IN", type=click.Path(dir_okay=False))
 @click.argument("out_path", metavar="OUT.parquet", type=click.Path(dir_okay=False))
 @TEMPLATE_OPTION
-@TEMPLATES_OPTION
+@templates_option
 def from_jsonl(in_path, out_path, template, template_dirs):
     """Convert a JSON Lines file (one object per line) into a Parquet manifest."""
     return _convert(in_path, out_path, "jsonl", template, template_dirs)
@@ -54,7 +54,7 @@ def from_jsonl(in_path, out_path, template, template_dirs):
 @click.argument("scenario")
 @click.argument("out_path", metavar="OUT.parquet", type=click.Path(dir_okay=False))
 @click.option("--rows", type=int, default=8, show_default=True, help="Number of rows.")
-@TEMPLATES_OPTION
+@templates_option
 def sample(scenario, out_path, rows, template_dirs):
     """Write an example manifest for the template SCENARIO (see `qwen-batch templates list`)."""
     from jobs.manifest_tools import sample_manifest, write_manifest

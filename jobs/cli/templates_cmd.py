@@ -6,13 +6,7 @@ import json
 
 import click
 
-TEMPLATES_OPTION = click.option(
-    "--templates",
-    "template_dirs",
-    multiple=True,
-    type=click.Path(file_okay=False),
-    help="A directory of your own *.yaml templates (repeatable); they replace built-ins of the same name.",
-)
+from jobs.cli.options import templates_option
 
 
 @click.group("templates")
@@ -21,7 +15,7 @@ def templates():
 
 
 @templates.command("list")
-@TEMPLATES_OPTION
+@templates_option
 def list_templates(template_dirs):
     """List the templates: name, language, aspect ratio, description."""
     from jobs.templates import load_library
@@ -36,7 +30,7 @@ def list_templates(template_dirs):
 
 @templates.command("show")
 @click.argument("name")
-@TEMPLATES_OPTION
+@templates_option
 def show_template(name, template_dirs):
     """Show a template: its params (with examples), its prompt and a sample render."""
     from jobs.templates import load_library
@@ -72,7 +66,7 @@ def show_template(name, template_dirs):
     default=None,
     help='Params as a JSON object, e.g. \'{"title": "故宫 · The Forbidden City"}\'. Default: the sample params.',
 )
-@TEMPLATES_OPTION
+@templates_option
 def render_template(name, params_json, template_dirs):
     """Print the prompt NAME renders to with --params."""
     from jobs.templates import load_library, parse_params
