@@ -92,7 +92,7 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def start_workers(plan: JobPlan, options: RunOptions) -> list:
+def start_workers(plan: JobPlan, options: RunOptions, store: Store) -> list:
     """One RenderWorker actor per GPU (capped by --workers), or --workers CPU actors (default 1)."""
     import ray
 
@@ -124,6 +124,7 @@ def start_workers(plan: JobPlan, options: RunOptions) -> list:
                 name=name,
                 manifest_sha256=plan.manifest_sha256,
                 existing="replace" if options.overwrite else plan.options.get("existing", "ours"),
+                store_options=store.worker_options(),
             )
         )
     return actors
@@ -170,7 +171,7 @@ def run_job(plan: JobPlan, store: Store, options: RunOptions, *, address: str | 
         return outcome
 
     owns_ray = connect_ray(address)
-    actors = start_workers(plan, options)
+    actors = start_workers(plan, options, store)
     try:
         _drive(plan, store, options, actors, plan_work(plan, context, ledger, states := {}), states, progress, outcome)
     finally:

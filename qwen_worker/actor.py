@@ -32,12 +32,13 @@ class RenderWorker:
         name: str = "",
         manifest_sha256: str = "",
         existing: str = "ours",
+        store_options: dict | None = None,
     ):
         """`existing` says what to do with an image already stored at a row's key: "ours" keeps it
         when its embedded provenance is this row's (a crash came before the ledger), "any" keeps
         whatever is there (--resume-anyway), "replace" renders again (--overwrite)."""
         self.preset = get_preset(model)
-        self.store = open_store(output_uri, overwrite=overwrite or existing == "replace")
+        self.store = open_store(output_uri, overwrite=overwrite or existing == "replace", **(store_options or {}))
         self.manifest_sha256 = manifest_sha256
         self.existing = existing
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"

@@ -100,8 +100,14 @@ class S3Store(Store):
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
         list_page_size: int = 1000,
+        endpoint_url: str | None = None,
+        region: str | None = None,
     ):
+        """`endpoint_url`/`region` override the environment's (the driver passes what it resolved
+        to its workers, so they write where it checked; credentials stay in each environment)."""
         self.bucket, self.prefix = parse_s3_uri(uri)
+        self.endpoint_url = endpoint_url
+        self.region = region
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.overwrite = overwrite
         self.max_attempts = max(1, max_attempts)
@@ -139,8 +145,8 @@ class S3Store(Store):
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
         )
-        region = session.region_name or "us-east-1"
-        client = session.client("s3", region_name=region, config=config)
+        region = self.region or session.region_name or "us-east-1"
+        client = session.client("s3", region_name=region, config=config, endpoint_url=self.endpoint_url)
         endpoint = client.meta.endpoint_url
         if not _is_aws_host(urlsplit(endpoint).hostname or ""):  # S3-compatible server: path-style
             path_style = config.merge(Config(s3={"addressing_style": "path"}))
@@ -265,6 +271,37 @@ class S3Store(Store):
         if data is None:
             raise KeyError(key)
         return data
+
+    def worker_options(self) -> dict:
+        """Non-secret settings a worker needs to open this same store: endpoint and region."""
+        return {"endpoint_url": self.client.meta.endpoint_url, "region": self.client.meta.region_name}
+
+    def size(self, key: str) -> int:
+        """The object's size in bytes; KeyError when there is none."""
+        from botocore.exceptions import ClientError
+
+        full = self._key(key)
+
+        def attempt() -> int | None:
+            try:
+                return self._call("head_object", Key=full)["ContentLength"]
+            except ClientError as exc:
+                if _http_status(exc) == 404:
+                    return None
+                raise
+
+        size = self._retrying(f"HeadObject {key}", attempt)
+        if size is None:
+            raise KeyError(key)
+        return size
+
+    def read_range(self, key: str, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of the object (one ranged GET, retried)."""
+        full = self._key(key)
+        return self._retrying(
+            f"GetObject {key}",
+            lambda: self._call("get_object", Key=full, Range=f"bytes={start}-{stop - 1}")["Body"].read(),
+        )
 
     def stored_sha256(self, key):
         full = self._key(key)

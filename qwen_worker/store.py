@@ -59,6 +59,10 @@ class Store:
         """Fail early, with a UserError naming the destination, if we cannot write here."""
         raise NotImplementedError
 
+    def worker_options(self) -> dict:
+        """Keyword options for `open_store` that make a worker open this same store."""
+        return {}
+
     def exists(self, key: str) -> bool:
         return self.stored_sha256(key) is not None
 
@@ -143,12 +147,12 @@ class LocalStore(Store):
             raise UserError(f"cannot write to output directory {self.root}: {exc.strerror}") from None
 
 
-def open_store(uri: str, *, overwrite: bool = False) -> Store:
-    """A store for a local path or an s3://bucket/prefix URI."""
+def open_store(uri: str, *, overwrite: bool = False, **s3_options) -> Store:
+    """A store for a local path or an s3://bucket/prefix URI (`s3_options` go to S3Store)."""
     if uri.startswith("s3://"):
         from qwen_worker.s3store import S3Store
 
-        return S3Store(uri, overwrite=overwrite)
+        return S3Store(uri, overwrite=overwrite, **s3_options)
     if "://" in uri:
         raise UserError(f"unsupported output URI {uri!r}: use a local directory or s3://bucket/prefix")
     return LocalStore(uri, overwrite=overwrite)

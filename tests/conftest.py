@@ -73,11 +73,20 @@ def fault_proxy(s3_server):
 # Ray and jobs: one local Ray instance for the whole session, small manifests written per test.
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_server):
     """A local Ray instance shared by every test (start-up costs seconds on 2 cores).
-    Yields its GCS address so CLI subprocesses can join it through RAY_ADDRESS."""
+    Yields its GCS address so CLI subprocesses can join it through RAY_ADDRESS.
+
+    Workers inherit this process's environment at start-up, so the session S3 server's
+    credentials are set first (jobs pass the endpoint itself to their workers)."""
     import ray
 
+    os.environ.update(
+        AWS_ACCESS_KEY_ID=s3_server.access_key,
+        AWS_SECRET_ACCESS_KEY=s3_server.secret_key,
+        AWS_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
     ray.init(
         num_cpus=2,
         object_store_memory=80 * 1024 * 1024,
