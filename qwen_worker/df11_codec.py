@@ -21,7 +21,8 @@ and concatenated in `pattern_dict` order, are split into the 8-bit exponent and 
 - `sign_mantissa` uint8 [n]: `(sign << 7) | mantissa`, so BF16 = `(sm & 0x80) << 8 | e << 7 | sm & 0x7F`.
 - `output_positions` uint8 [4 (B+1)]: uint32 little-endian; entry b is the index of the first weight
   whose code starts in CUDA block b (`threads_per_block * bytes_per_thread` = 4096 bytes of
-  stream), then n.
+  stream), then n. (4 B bytes when the last code runs into a block where no code starts and
+  the stream ends on a byte boundary: the official encoder writes that too.)
 - `gaps` uint8: one 5-bit field per CUDA thread (8 bytes of stream), packed MSB first, padded to
   `threads_per_block * B` fields: the bit offset of the first code that starts in the thread's
   8 bytes.
