@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from jobs.ledger import read_ledger
 from jobs.manifest import ResolveContext, validate_manifest
 from jobs.plan import MANIFEST_COPY_KEY, JobPlan, claim_job, file_sha256, make_job_id, now_utc, versions
+from jobs.report import write_report
 from jobs.results import write_results
 from jobs.runner import JobOutcome, RunOptions, run_job
 from qwen_worker.presets import get_preset
@@ -75,6 +76,7 @@ def prepare_job(
 def finish_job(prepared: PreparedJob, template_dirs=()) -> None:
     """Merge the ledger into results.parquet (also after a partial run: unfinished rows are 'pending')."""
     write_results(prepared.store, prepared.plan, read_ledger(prepared.store, prepared.plan.job_id), template_dirs)
+    write_report(prepared.store)
 
 
 def submit_job(

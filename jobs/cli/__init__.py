@@ -21,6 +21,7 @@ COMMANDS = {
     "templates": ("jobs.cli.templates_cmd", "templates", "List, show and render the prompt templates (built-in and your own)."),
     "manifest": ("jobs.cli.manifest_cmd", "manifest", "Make a Parquet manifest from CSV / JSON Lines, or a sample one per template."),
     "schedule": ("jobs.cli.schedule_cmd", "schedule", "Submit manifests on a cron schedule (next runs, run the scheduler)."),
+    "report": ("jobs.cli.report_cmd", "report", "Write DEST/report.html: a gallery of the job's images, prompts, status and timings."),
 }
 
 

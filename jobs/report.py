@@ -1,0 +1,371 @@
+"""report.html: a self-contained gallery of a job, written at the output root.
+
+Built from job.json + results.parquet only (no Ray, no model): a header with the job and exact
+totals, then one card per row, FAILED rows first (with their error), then the rest in manifest
+order. One HTML file with inline CSS and a little vanilla JS (filter by status, search); nothing
+is fetched but the images themselves, and a Content-Security-Policy with hashes of the inline
+style and script enforces that (an escaping mistake could not run an injected script).
+
+Image links: relative keys (`images/a.png`) for a local directory, since report.html sits at the
+output root; presigned GET URLs for s3:// outputs (valid `expires` seconds, at most 7 days). A
+presigned URL carries the access key id (not the secret) and, with temporary credentials, the
+session token, and it stops working when they expire.
+
+Large jobs: at most `max_cards` cards (failed rows first, so none of them is hidden by the cap);
+the totals always count every row, and results.parquet has the full list.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import html
+import io
+import json
+from urllib.parse import quote
+
+from jobs.plan import JOB_RECORD_KEY, JobPlan
+from jobs.results import RESULTS_KEY
+from qwen_worker.errors import UserError
+from qwen_worker.store import Store
+
+REPORT_KEY = "report.html"
+LINK_MODES = ("auto", "relative", "presigned")
+MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # the SigV4 limit
+DEFAULT_MAX_CARDS = 2000
+_READ_BATCH_ROWS = 4096
+_KNOWN_COLUMNS = (
+    "id", "status", "keys", "sha256", "seed", "width", "height", "steps", "true_cfg_scale", "format", "prompt",
+    "negative_prompt", "template", "render_s", "upload_s", "attempts", "rendered", "worker", "error",
+)  # fmt: skip
+_MAX_EXTRA_COLUMNS = 8
+_MAX_EXTRA_CHARS = 200
+
+
+def write_report(
+    store: Store,
+    *,
+    link: str = "auto",
+    expires: int = MAX_PRESIGN_SECONDS,
+    max_cards: int = DEFAULT_MAX_CARDS,
+) -> str:
+    """Write report.html at the root of `store` from its job.json and results.parquet; return its key."""
+    store.put(REPORT_KEY, render_report(store, link=link, expires=expires, max_cards=max_cards).encode(),
+              content_type="text/html; charset=utf-8")  # fmt: skip
+    return REPORT_KEY
+
+
+def render_report(
+    store: Store,
+    *,
+    link: str = "auto",
+    expires: int = MAX_PRESIGN_SECONDS,
+    max_cards: int = DEFAULT_MAX_CARDS,
+) -> str:
+    """The report's HTML text (what `write_report` stores)."""
+    image_url, link_note = _linker(store, link, expires)
+    if max_cards < 0:
+        raise UserError(f"`max_cards` must be 0 or more, got: {max_cards}")
+    try:
+        plan = JobPlan.from_json(store.get(JOB_RECORD_KEY))
+    except KeyError:
+        raise UserError(f"no job found in {store.uri} (it has no {JOB_RECORD_KEY})") from None
+    try:
+        results = store.get(RESULTS_KEY)
+    except KeyError:
+        raise UserError(
+            f"no {RESULTS_KEY} in {store.uri} yet: the job has not finished a run "
+            f"(`qwen-batch status {store.uri}` shows its progress)"
+        ) from None
+    totals, failed, others = _scan(results, max_cards)
+    shown = (failed + others)[:max_cards]
+    cards = "\n".join(_card(row, image_url) for row in shown)
+    return _page(plan, store.uri, totals, cards, len(shown), link_note)
+
+
+# ------------------------------------------------------------------------------------------ links
+def _linker(store: Store, link: str, expires: int):
+    """(key -> URL, a sentence for the header) for the chosen link mode."""
+    if link not in LINK_MODES:
+        raise UserError(f"`link` must be one of {', '.join(LINK_MODES)}, got: {link!r}")
+    presign = getattr(store, "presigned_url", None)
+    if link == "presigned" and presign is None:
+        raise UserError(f"`link` presigned needs an s3:// output, got the local directory {store.uri}")
+    if link == "relative" or (link == "auto" and presign is None):
+        return (lambda key: quote(key, safe="/")), "Images are linked relative to this file."
+    if not 1 <= expires <= MAX_PRESIGN_SECONDS:
+        raise UserError(
+            f"`expires` must be between 1 and {MAX_PRESIGN_SECONDS} seconds (7 days, the S3 limit), got: {expires}"
+        )
+    until = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=expires)).strftime("%Y-%m-%d %H:%M UTC")
+    note = f"Image links are presigned URLs, valid until {until} (regenerate with `qwen-batch report`)."
+    return (lambda key: presign(key, expires=expires)), note
+
+
+# ------------------------------------------------------------------------------------ data
+def _scan(data: bytes, max_cards: int):
+    """Stream results.parquet: exact totals over every row, and at most `max_cards` failed rows
+    plus at most `max_cards` other rows (manifest order) for the cards."""
+    import pyarrow.parquet as pq
+
+    parquet_file = pq.ParquetFile(io.BytesIO(data))
+    extra = [name for name in parquet_file.schema_arrow.names if name not in _KNOWN_COLUMNS]
+    extra = extra[:_MAX_EXTRA_COLUMNS]
+    totals = {"rows": 0, "done": 0, "failed": 0, "pending": 0, "images": 0,
+              "render_s_total": 0.0, "upload_s_total": 0.0}  # fmt: skip
+    rendered, uploaded = [], []
+    failed, others = [], []
+    for batch in parquet_file.iter_batches(batch_size=_READ_BATCH_ROWS):
+        for row in batch.to_pylist():
+            status = row.get("status") or "pending"
+            totals["rows"] += 1
+            totals[status if status in ("done", "failed") else "pending"] += 1
+            totals["images"] += sum(1 for digest in row.get("sha256") or () if digest)
+            if row.get("render_s"):
+                totals["render_s_total"] += row["render_s"]
+                rendered.append(row["render_s"])
+            if row.get("upload_s"):
+                totals["upload_s_total"] += row["upload_s"]
+                uploaded.append(row["upload_s"])
+            row["_extra"] = {name: row.get(name) for name in extra if row.get(name) is not None}
+            target = failed if status == "failed" else others
+            if len(target) < max_cards:
+                target.append(row)
+    totals["render_s_mean"] = sum(rendered) / len(rendered) if rendered else None
+    totals["upload_s_mean"] = sum(uploaded) / len(uploaded) if uploaded else None
+    return totals, failed, others
+
+
+# ------------------------------------------------------------------------------------ HTML
+def _e(value) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _seconds(value) -> str:
+    if value is None:
+        return "–"
+    if value >= 100:
+        return f"{value:,.0f} s"
+    return f"{value:.2f} s" if value >= 1 else f"{value:.3f} s"
+
+
+def _card(row: dict, image_url) -> str:
+    status = row.get("status") or "pending"
+    width, height = row.get("width") or 0, row.get("height") or 0
+    keys, digests = row.get("keys") or [], row.get("sha256") or []
+    thumbs = []
+    for n, key in enumerate(keys):
+        if n < len(digests) and digests[n]:
+            url = _e(image_url(key))
+            thumbs.append(
+                f'<a href="{url}" target="_blank" rel="noopener noreferrer" title="{_e(key)}">'
+                f'<img src="{url}" loading="lazy" decoding="async" width="{int(width)}" height="{int(height)}" '
+                f'alt="{_e(row.get("id"))} image {n + 1}"></a>'
+            )
+        else:
+            what = "not stored" if status != "pending" else "pending"
+            thumbs.append(f'<div class="missing" title="{_e(key)}"><span>{what}</span><code>{_e(key)}</code></div>')
+    meta = [
+        ("template", row.get("template") or "–"),
+        ("seed", row.get("seed")),
+        ("size", f"{width}×{height}"),
+        ("steps", row.get("steps")),
+        ("cfg", row.get("true_cfg_scale")),
+        ("format", row.get("format")),
+        ("attempts", row.get("attempts") if row.get("attempts") is not None else "–"),
+        ("render", _seconds(row.get("render_s"))),
+        ("upload", _seconds(row.get("upload_s"))),
+    ]
+    if row.get("worker"):
+        meta.append(("worker", row["worker"]))
+    if row.get("rendered") is False and status == "done":
+        meta.append(("rendered", "no (already stored)"))
+    for name, value in row["_extra"].items():
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+        meta.append((name, text if len(text) <= _MAX_EXTRA_CHARS else text[: _MAX_EXTRA_CHARS - 1] + "…"))
+    meta_html = "".join(f"<dt>{_e(name)}</dt><dd>{_e(value)}</dd>" for name, value in meta)
+    error = f'<p class="error">{_e(row.get("error"))}</p>' if row.get("error") else ""
+    negative = row.get("negative_prompt")
+    negative_html = ""
+    if negative and negative.strip():
+        negative_html = f'<p class="negative"><strong>negative</strong> {_e(negative)}</p>'
+    return (
+        f'<article class="card {_e(status)}" data-status="{_e(status)}" id="row-{_e(row.get("id"))}">'
+        f'<div class="thumbs n{min(len(keys), 4)}">{"".join(thumbs)}</div>'
+        f'<div class="body"><h2><span class="badge {_e(status)}">{_e(status)}</span> '
+        f'<code class="rid">{_e(row.get("id"))}</code></h2>{error}'
+        f'<p class="prompt">{_e(row.get("prompt"))}</p>{negative_html}<dl class="meta">{meta_html}</dl></div>'
+        "</article>"
+    )
+
+
+_STYLE = """
+:root{--fg:#1d2330;--muted:#5d6678;--line:#dde1e8;--bg:#f5f6f8;--card:#fff;--done:#1f7a4d;--failed:#b42318;
+--pending:#8a6d00}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI","Noto Sans","Noto Sans CJK SC","PingFang SC",
+"Microsoft YaHei",sans-serif;color:var(--fg);background:var(--bg)}
+header{padding:20px 28px 12px;background:var(--card);border-bottom:1px solid var(--line)}
+h1{margin:0 0 4px;font-size:20px}
+h1 code{font-size:18px}
+.job{margin:0;color:var(--muted);display:flex;flex-wrap:wrap;gap:4px 18px}
+.job strong{color:var(--fg);font-weight:600}
+.totals{display:flex;flex-wrap:wrap;gap:10px;margin:14px 0 6px;padding:0}
+.totals div{background:var(--bg);border:1px solid var(--line);border-radius:8px;padding:6px 12px;min-width:92px}
+.totals dt{font-size:11px;text-transform:uppercase;letter-spacing:.04em;color:var(--muted)}
+.totals dd{margin:0;font-size:18px;font-weight:600}
+.totals .failed dd{color:var(--failed)}.totals .done dd{color:var(--done)}.totals .pending dd{color:var(--pending)}
+.note{margin:6px 0 0;color:var(--muted)}
+.note.warn{color:var(--failed)}
+.controls{position:sticky;top:0;z-index:1;display:flex;flex-wrap:wrap;gap:8px;align-items:center;
+padding:10px 28px;background:rgba(245,246,248,.95);border-bottom:1px solid var(--line)}
+.controls button{font:inherit;padding:4px 12px;border:1px solid var(--line);border-radius:999px;background:var(--card);
+cursor:pointer}
+.controls button[aria-pressed=true]{background:var(--fg);color:#fff;border-color:var(--fg)}
+.controls input{font:inherit;padding:5px 10px;border:1px solid var(--line);border-radius:6px;min-width:260px}
+.controls .shown{color:var(--muted)}
+main{display:grid;grid-template-columns:repeat(auto-fill,minmax(280px,1fr));gap:16px;padding:16px 28px 40px;
+align-items:start}
+.card{background:var(--card);border:1px solid var(--line);border-radius:10px;overflow:hidden;display:flex;
+flex-direction:column}
+.card.failed{border-color:var(--failed);box-shadow:0 0 0 1px var(--failed)}
+.card[hidden]{display:none}
+.thumbs{display:grid;gap:2px;background:#e9ecf1}
+.thumbs.n2,.thumbs.n3,.thumbs.n4{grid-template-columns:repeat(2,1fr)}
+.thumbs a{display:block;line-height:0}
+.thumbs img{display:block;width:100%;height:auto;max-height:260px;object-fit:contain;background:#e9ecf1}
+.missing{min-height:120px;display:flex;flex-direction:column;align-items:center;justify-content:center;gap:4px;
+color:var(--muted);background:repeating-linear-gradient(45deg,#eef0f4,#eef0f4 8px,#e6e9ef 8px,#e6e9ef 16px)}
+.missing span{font-weight:600;text-transform:uppercase;font-size:12px;letter-spacing:.05em}
+.body{padding:10px 14px 12px}
+h2{margin:0 0 6px;font-size:14px;display:flex;gap:8px;align-items:center}
+.rid{word-break:break-all}
+.badge{font-size:11px;text-transform:uppercase;letter-spacing:.05em;padding:1px 8px;border-radius:999px;color:#fff}
+.badge.done{background:var(--done)}.badge.failed{background:var(--failed)}.badge.pending{background:var(--pending)}
+.error{margin:0 0 8px;padding:6px 8px;border-radius:6px;background:#fdecea;color:var(--failed);
+font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre-wrap;word-break:break-word}
+.prompt{margin:0 0 6px;white-space:pre-wrap;word-break:break-word;max-height:9.5em;overflow:auto}
+.negative{margin:0 0 6px;color:var(--muted);white-space:pre-wrap;word-break:break-word}
+.meta{display:grid;grid-template-columns:auto 1fr;gap:1px 10px;margin:0;font-size:12px}
+.meta dt{color:var(--muted)}.meta dd{margin:0;word-break:break-word}
+footer{padding:0 28px 28px;color:var(--muted)}
+"""
+
+_SCRIPT = """
+(function () {
+  var cards = Array.prototype.slice.call(document.querySelectorAll("main .card"));
+  var texts = null, status = "all";
+  var search = document.getElementById("search"), shown = document.getElementById("shown");
+  function apply() {
+    var q = search.value.trim().toLowerCase(), n = 0;
+    if (q && texts === null) texts = cards.map(function (c) { return c.textContent.toLowerCase(); });
+    cards.forEach(function (card, i) {
+      var ok = (status === "all" || card.dataset.status === status) && (!q || texts[i].indexOf(q) >= 0);
+      card.hidden = !ok;
+      if (ok) n++;
+    });
+    shown.textContent = n + " of " + cards.length + " cards shown";
+  }
+  document.querySelectorAll(".controls button").forEach(function (button) {
+    button.addEventListener("click", function () {
+      status = button.dataset.filter;
+      document.querySelectorAll(".controls button").forEach(function (b) {
+        b.setAttribute("aria-pressed", String(b === button));
+      });
+      apply();
+    });
+  });
+  search.addEventListener("input", apply);
+  // Count thumbnails that decoded (naturalWidth > 0) and ones that failed, e.g. expired links.
+  function count() {
+    var loaded = 0, broken = 0;
+    Array.prototype.forEach.call(document.images, function (img) {
+      if (img.complete && img.naturalWidth > 0) loaded++;
+      else if (img.dataset.broken) broken++;
+    });
+    document.body.dataset.loadedImages = loaded;
+    document.body.dataset.brokenImages = broken;
+    var warn = document.getElementById("broken");
+    warn.hidden = broken === 0;
+    warn.textContent = broken + " image(s) could not be loaded (deleted, or the links expired: run qwen-batch report again).";
+  }
+  document.addEventListener("load", function (e) { if (e.target.tagName === "IMG") count(); }, true);
+  document.addEventListener("error", function (e) {
+    if (e.target.tagName === "IMG") { e.target.dataset.broken = "1"; count(); }
+  }, true);
+  window.addEventListener("load", count);
+  apply();
+  count();
+})();
+"""
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+_CSP = (
+    f"default-src 'none'; img-src * data: blob: file:; style-src {_csp_hash(_STYLE)}; "
+    f"script-src {_csp_hash(_SCRIPT)}; base-uri 'none'; form-action 'none'"
+)
+
+
+def _page(plan: JobPlan, uri: str, totals: dict, cards: str, shown: int, link_note: str) -> str:
+    generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    def total(name, label, value=None, text=None):
+        raw = totals[name] if value is None else value
+        shown_text = text if text is not None else f"{raw:,}"
+        data = "" if raw is None else f' data-value="{_e(raw)}"'
+        return f'<div class="{name}"><dt>{label}</dt><dd data-total="{name}"{data}>{_e(shown_text)}</dd></div>'
+
+    boxes = "".join([
+        total("rows", "rows"), total("done", "done"), total("failed", "failed"), total("pending", "pending"),
+        total("images", "images stored"),
+        total("render_s_total", "render total", text=_seconds(totals["render_s_total"])),
+        total("render_s_mean", "render mean/row", text=_seconds(totals["render_s_mean"])),
+        total("upload_s_mean", "upload mean/row", text=_seconds(totals["upload_s_mean"])),
+    ])  # fmt: skip
+    capped = ""
+    if shown < totals["rows"]:
+        capped = (
+            f'<p class="note warn" id="capped">Showing {shown:,} of {totals["rows"]:,} rows (failed rows first); '
+            f"the totals above count every row, and {RESULTS_KEY} lists them all.</p>"
+        )
+    buttons = "".join(
+        f'<button type="button" data-filter="{key}" aria-pressed="{str(key == "all").lower()}">{label}</button>'
+        for key, label in (
+            ("all", f"all {totals['rows']:,}"), ("failed", f"failed {totals['failed']:,}"),
+            ("done", f"done {totals['done']:,}"), ("pending", f"pending {totals['pending']:,}"),
+        )
+    )  # fmt: skip
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<meta http-equiv="Content-Security-Policy" content="{_e(_CSP)}">
+<title>{_e(plan.job_id)} · qwen-batch report</title>
+<style>{_STYLE}</style>
+</head>
+<body>
+<header>
+<h1>qwen-batch job <code id="job-id">{_e(plan.job_id)}</code></h1>
+<p class="job"><span>model <strong>{_e(plan.model)}</strong></span><span>manifest <strong>{_e(plan.manifest_source)}</strong></span>
+<span>created <strong>{_e(plan.created)}</strong></span><span>seed <strong>{_e(plan.seed)}</strong></span>
+<span>output <strong>{_e(uri)}</strong></span></p>
+<dl class="totals" id="totals">{boxes}</dl>
+{capped}<p class="note">{_e(link_note)} Report generated {generated}. Mean times are per row over the rows that took time (rows found already stored are left out).</p>
+<p class="note warn" id="broken" hidden></p>
+</header>
+<nav class="controls">{buttons}<input id="search" type="search" placeholder="search id, prompt, error…" aria-label="search"><span class="shown" id="shown"></span></nav>
+<main>
+{cards}
+</main>
+<footer>qwen-batch · {_e(RESULTS_KEY)} has every column of every row.</footer>
+<script>{_SCRIPT}</script>
+</body>
+</html>
+"""
