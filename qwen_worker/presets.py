@@ -7,7 +7,7 @@ Presets are plain data, so the driver can validate a manifest against them befor
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from qwen_worker.errors import UserError
 
@@ -43,6 +43,40 @@ def with_prompt_suffix(prompt: str, language: str) -> str:
 
 
 @dataclass(frozen=True)
+class MemoryFootprint:
+    """What a model occupies, in GiB (2**30 bytes, what nvidia-smi and torch report as "GB"), for
+    planning GPU offload (qwen_worker.offload). Weights are as loaded for inference (BF16, or DF11
+    for a DFloat11 transformer); per-megapixel figures are for one image in one call."""
+
+    text_encoder_gb: float  # Qwen2.5-VL-7B in BF16
+    vae_gb: float
+    transformer_gb: float  # as held for inference: DF11-compressed when the preset uses DF11
+    transformer_bf16_gb: float  # decoded to BF16 (the --device cpu path)
+    block_offload_gb: float  # what DF11 CPU offload moves to host RAM per transformer block (0: no DF11)
+    decode_buffer_gb: float  # DF11 decodes one block at a time into a BF16 buffer of the largest block
+    activation_gb_per_mp: float  # transformer activations per image-megapixel in one forward
+    vae_decode_gb_per_mp: float  # VAE decode activations per image-megapixel
+    host_overhead_gb: float  # Python, torch and the largest checkpoint file being read
+
+
+# Qwen-Image: text encoder 8.29 B params, VAE 127 M, transformer 20.43 B params (40.86e9 bytes BF16,
+# 28.43e9 bytes DF11), 60 blocks of 339.7 M weights each (DF11: ~0.44 GiB, of which the exponent
+# stream and sign/mantissa bytes, ~0.43 GiB, go to host RAM with cpu_offload). The activation
+# figure is fitted to the DF11 model card (29.74e9 bytes peak at 1328x1328, one image).
+_QWEN_IMAGE_DF11_FOOTPRINT = MemoryFootprint(
+    text_encoder_gb=15.44,
+    vae_gb=0.24,
+    transformer_gb=26.48,
+    transformer_bf16_gb=38.05,
+    block_offload_gb=0.43,
+    decode_buffer_gb=0.63,
+    activation_gb_per_mp=0.34,
+    vae_decode_gb_per_mp=1.2,
+    host_overhead_gb=6.0,
+)
+
+
+@dataclass(frozen=True)
 class ModelPreset:
     name: str
     description: str
@@ -55,6 +89,7 @@ class ModelPreset:
     default_true_cfg_scale: float
     host_memory_gb: float  # host RAM one worker needs (CPU offload keeps weights in RAM)
     vram_gb: float  # GPU memory one worker needs with its default offload plan
+    footprint: MemoryFootprint | None = None  # for offload planning; None: small, nothing to offload
 
     def size_limits_text(self) -> str:
         return f"{self.min_size} and {self.max_size}"
@@ -75,6 +110,7 @@ PRESETS: dict[str, ModelPreset] = {
             default_true_cfg_scale=4.0,
             host_memory_gb=48.0,
             vram_gb=17.0,
+            footprint=_QWEN_IMAGE_DF11_FOOTPRINT,
         ),
         ModelPreset(
             name="qwen-image",
@@ -88,6 +124,9 @@ PRESETS: dict[str, ModelPreset] = {
             default_true_cfg_scale=4.0,
             host_memory_gb=16.0,
             vram_gb=58.0,
+            footprint=replace(
+                _QWEN_IMAGE_DF11_FOOTPRINT, transformer_gb=38.05, block_offload_gb=0.0, decode_buffer_gb=0.0
+            ),
         ),
         ModelPreset(
             name="tiny",
