@@ -22,6 +22,7 @@ COMMANDS = {
     "manifest": ("jobs.cli.manifest_cmd", "manifest", "Make a Parquet manifest from CSV / JSON Lines, or a sample one per template."),
     "schedule": ("jobs.cli.schedule_cmd", "schedule", "Submit manifests on a cron schedule (next runs, run the scheduler)."),
     "report": ("jobs.cli.report_cmd", "report", "Write DEST/report.html: a gallery of the job's images, prompts, status and timings."),
+    "doctor": ("jobs.cli.doctor_cmd", "doctor", "Check GPUs, CUDA, dfloat11, host RAM, the offload plan, model files, S3 and Ray for a model."),
 }
 
 
