@@ -74,3 +74,39 @@ class ProgressBar:
         if self.enabled:
             self.stream.write(self.line() + "\n")
             self.stream.flush()
+
+
+PROGRESS_KEY = "_progress.json"
+
+
+class ProgressFile:
+    """Writes `_progress.json` to the output every `interval` seconds, so `status` (and `submit
+    --wait` on a cluster) can show live progress and ETA without access to Ray."""
+
+    def __init__(self, store, job_id: str, bar: ProgressBar, *, interval: float = 5.0):
+        self.store, self.job_id, self.bar, self.interval = store, job_id, bar, interval
+        self._last = 0.0
+
+    def write(self, state: str = "running", *, force: bool = False) -> None:
+        import datetime as dt
+        import json
+
+        now = time.monotonic()
+        if not force and now - self._last < self.interval:
+            return
+        self._last = now
+        eta = self.bar.eta_seconds()
+        record = {
+            "job_id": self.job_id,
+            "state": state,
+            "total": self.bar.total,
+            "done": self.bar.done,
+            "failed": self.bar.failed,
+            "rows_per_s": round(self.bar.rate(), 4),
+            "eta_s": round(eta, 1) if eta is not None else None,
+            "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        try:
+            self.store.put(PROGRESS_KEY, json.dumps(record).encode())
+        except Exception:  # progress is best effort: never stop a job for it
+            pass

@@ -16,7 +16,7 @@ from typing import Iterator
 from jobs.ledger import read_ledger, write_shard_ledger
 from jobs.manifest import ResolveContext, iter_raw_rows, open_parquet, resolve_row
 from jobs.plan import JobPlan
-from jobs.progress import ProgressBar
+from jobs.progress import ProgressBar, ProgressFile
 from qwen_worker.errors import QwenBatchError, UserError
 from qwen_worker.presets import get_preset
 from qwen_worker.rows import RenderRow, RowResult, RowStatus
@@ -125,6 +125,7 @@ def start_workers(plan: JobPlan, options: RunOptions, store: Store) -> list:
                 manifest_sha256=plan.manifest_sha256,
                 existing="replace" if options.overwrite else plan.options.get("existing", "ours"),
                 store_options=store.worker_options(),
+                job_id=plan.job_id,
             )
         )
     return actors
@@ -171,10 +172,21 @@ def run_job(plan: JobPlan, store: Store, options: RunOptions, *, address: str | 
         return outcome
 
     owns_ray = connect_ray(address)
+    progress_file = ProgressFile(store, plan.job_id, progress)
+    progress_file.write(force=True)
     actors = start_workers(plan, options, store)
+    from qwen_worker.metrics import DriverMetrics
+
+    metrics = DriverMetrics(plan.job_id)
+    if already_done:
+        metrics.skipped.inc(already_done, metrics.tags)
+    state = "failed"
     try:
-        _drive(plan, store, options, actors, plan_work(plan, context, ledger, states := {}), states, progress, outcome)
+        _drive(plan, store, options, actors, plan_work(plan, context, ledger, states := {}), states, progress, outcome,
+               progress_file, metrics)
+        state = "finished"
     finally:
+        progress_file.write(state, force=True)
         for actor in actors:
             ray.kill(actor)
         if owns_ray:
@@ -183,7 +195,7 @@ def run_job(plan: JobPlan, store: Store, options: RunOptions, *, address: str | 
     return outcome
 
 
-def _drive(plan, store, options, actors, fresh_work, states, progress, outcome) -> None:
+def _drive(plan, store, options, actors, fresh_work, states, progress, outcome, progress_file, metrics) -> None:
     import ray
 
     retry_queue: collections.deque[ShardWork] = collections.deque()
@@ -231,16 +243,39 @@ def _drive(plan, store, options, actors, fresh_work, states, progress, outcome) 
     def unsettled(work: ShardWork, seen: set[int]) -> list[RenderRow]:
         return [row for row in work.rows if row.row_index not in seen]
 
+    recovering: dict = {}  # ping -> actor: a restarted actor gets work again once it answers
+
+    def recover(actor) -> None:
+        recovering[actor.ping.remote()] = actor
+
+    def check_workers_left() -> None:
+        if not idle and not in_flight and not recovering:
+            raise QwenBatchError("every worker died; stored rows are kept, run the same submit again to resume")
+
     while True:
         while idle and (work := next_work()) is not None:
             dispatch(idle.pop(), work)
-        if not in_flight:
+        metrics.in_flight.set(sum(len(w.rows) - len(seen) for _a, w, seen in in_flight.values()), metrics.tags)
+        progress_file.write()
+        if not in_flight and not recovering:
             if not retry_queue:
                 break  # every row has settled
             time.sleep(0.05)  # what is left is waiting out its backoff
             continue
-        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-        for generator in ready:
+        ready, _ = ray.wait(list(in_flight) + list(recovering), num_returns=1, timeout=1.0)
+        for ref in ready:
+            if ref in recovering:
+                actor = recovering.pop(ref)
+                try:
+                    ray.get(ref)
+                    idle.append(actor)
+                except ray.exceptions.ActorDiedError:
+                    check_workers_left()
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    time.sleep(0.2)  # still restarting
+                    recover(actor)
+                continue
+            generator = ref
             actor, work, seen = in_flight[generator]
             try:
                 results = ray.get(next(generator))
@@ -251,15 +286,12 @@ def _drive(plan, store, options, actors, fresh_work, states, progress, outcome) 
             except ray.exceptions.ActorDiedError as exc:  # gone for good (restarts used up)
                 del in_flight[generator]
                 retry_or_fail(work, unsettled(work, seen), f"worker lost: {_first_line(exc)}")
-                if not idle and not in_flight:
-                    raise QwenBatchError(
-                        "every worker died; stored rows are kept, run the same submit again to resume"
-                    ) from None
+                check_workers_left()
                 continue
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                del in_flight[generator]  # Ray is restarting it; calls wait until it is back
+                del in_flight[generator]  # Ray is restarting it: only its unsettled rows go back
                 retry_or_fail(work, unsettled(work, seen), f"worker lost: {_first_line(exc)}")
-                idle.append(actor)
+                recover(actor)
                 continue
             except ray.exceptions.RayTaskError as exc:  # the shard call itself raised
                 del in_flight[generator]

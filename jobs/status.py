@@ -16,6 +16,7 @@ def job_status(dest: str) -> dict:
     except KeyError:
         raise UserError(f"no job found in {dest} (it has no {JOB_RECORD_KEY})") from None
     ledger = read_ledger(store, plan.job_id)
+    live = _live_progress(store, plan.job_id)
     counts = count_by_status(ledger)
     done, failed = counts[RowStatus.DONE.value], counts[RowStatus.FAILED.value]
     return {
@@ -27,9 +28,24 @@ def job_status(dest: str) -> dict:
         "done": done,
         "failed": failed,
         "pending": plan.rows - done - failed,
+        "live": live,
         "failed_rows": [
             {"row_index": r.row_index, "id": r.id, "error": r.error}
             for r in sorted(ledger.values(), key=lambda r: r.row_index)
             if r.status is RowStatus.FAILED
         ],
     }
+
+
+def _live_progress(store, job_id: str) -> dict | None:
+    """The driver's last `_progress.json` for this job (rows settled in shards not yet in the
+    ledger, rate, ETA, state), or None."""
+    import json
+
+    from jobs.progress import PROGRESS_KEY
+
+    try:
+        record = json.loads(store.get(PROGRESS_KEY))
+    except (KeyError, ValueError):
+        return None
+    return record if record.get("job_id") == job_id else None

@@ -33,6 +33,7 @@ class RenderWorker:
         manifest_sha256: str = "",
         existing: str = "ours",
         store_options: dict | None = None,
+        job_id: str = "",
     ):
         """`existing` says what to do with an image already stored at a row's key: "ours" keeps it
         when its embedded provenance is this row's (a crash came before the ledger), "any" keeps
@@ -41,7 +42,11 @@ class RenderWorker:
         self.store = open_store(output_uri, overwrite=overwrite or existing == "replace", **(store_options or {}))
         self.manifest_sha256 = manifest_sha256
         self.existing = existing
+        self._retries_reported = 0
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        from qwen_worker.metrics import WorkerMetrics
+
+        self.metrics = WorkerMetrics(job_id, self.name)
         started = time.perf_counter()
         from qwen_worker.loading import load_pipeline
 
@@ -62,7 +67,11 @@ class RenderWorker:
     def _render_and_store(self, tasks: list[ImageTask], pending: dict) -> list[RowResult]:
         to_render = []
         for task in tasks:
-            stored = self._keepable_stored_image(task)
+            try:
+                stored = self._keepable_stored_image(task)
+            except Exception as exc:  # this image cannot be checked: its row fails, the batch goes on
+                pending[task.row.row_index].fail(exc)
+                continue
             if stored is not None:
                 pending[task.row.row_index].add(task.index, sha256_hex(stored), rendered=False)
             else:
@@ -134,7 +143,23 @@ class RenderWorker:
             if progress.settled:
                 results.append(progress.result(self.name))
                 del pending[row_index]
+        self._record_metrics(results)
         return results
+
+    def _record_metrics(self, results: list[RowResult]) -> None:
+        tags = self.metrics.tags
+        for result in results:
+            if result.status is RowStatus.FAILED:
+                self.metrics.failed.inc(1, tags)
+            elif result.rendered:
+                self.metrics.rendered.inc(1, tags)
+                images = len(result.keys)
+                self.metrics.render_seconds.observe(result.render_s / images, tags)
+                self.metrics.upload_seconds.observe(result.upload_s / images, tags)
+        retries = getattr(self.store, "retries", 0)
+        if retries > self._retries_reported:
+            self.metrics.upload_retries.inc(retries - self._retries_reported, tags)
+            self._retries_reported = retries
 
 
 class _RowProgress:

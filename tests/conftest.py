@@ -72,6 +72,21 @@ def fault_proxy(s3_server):
 # ---------------------------------------------------------------------------------------------
 # Ray and jobs: one local Ray instance for the whole session, small manifests written per test.
 # ---------------------------------------------------------------------------------------------
+RAY_INFO = {}
+
+
+@pytest.fixture(scope="session")
+def ray_dashboard(ray_session):
+    """http://127.0.0.1:PORT of the session Ray's dashboard (the Ray Jobs API)."""
+    return RAY_INFO["dashboard"]
+
+
+@pytest.fixture(scope="session")
+def ray_metrics_port(ray_session):
+    """The port where the session Ray node exports Prometheus metrics."""
+    return RAY_INFO["metrics_port"]
+
+
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
     """A local Ray instance shared by every test (start-up costs seconds on 2 cores).
@@ -87,13 +102,26 @@ def ray_session(s3_server):
         AWS_REGION="us-east-1",
         AWS_EC2_METADATA_DISABLED="true",
     )
-    ray.init(
+    import socket
+    import sys
+
+    def free_port():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    # Ray jobs run `qwen-batch submit` as their entrypoint: it must be on the workers' PATH.
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    context = ray.init(
         num_cpus=2,
         object_store_memory=80 * 1024 * 1024,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
         logging_level="ERROR",
         log_to_driver=False,
     )
+    RAY_INFO.update(dashboard=f"http://{context.dashboard_url}", metrics_port=ray._private.worker.global_worker.node.metrics_export_port)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -17,7 +17,10 @@ from qwen_worker.errors import QwenBatchError
 COMMANDS = {
     "submit": ("jobs.cli.submit_cmd", "submit", "Render every row of a manifest into DEST (local or on a Ray cluster)."),
     "validate": ("jobs.cli.validate_cmd", "validate", "Check every row of a manifest; print a summary or every error."),
-    "status": ("jobs.cli.status_cmd", "status", "Show done / failed / pending rows of a job from its output."),
+    "status": ("jobs.cli.status_cmd", "status", "Show done / failed / pending rows of a job (its output, or a cluster job id)."),
+    "logs": ("jobs.cli.cluster_cmd", "logs", "Print (or follow) the logs of a job on a Ray cluster."),
+    "cancel": ("jobs.cli.cluster_cmd", "cancel", "Stop a job on a Ray cluster (stored rows stay; submit again to resume)."),
+    "jobs": ("jobs.cli.cluster_cmd", "jobs_list", "List the qwen-batch jobs a Ray cluster knows."),
     "templates": ("jobs.cli.templates_cmd", "templates", "List, show and render the prompt templates (built-in and your own)."),
     "manifest": ("jobs.cli.manifest_cmd", "manifest", "Make a Parquet manifest from CSV / JSON Lines, or a sample one per template."),
     "schedule": ("jobs.cli.schedule_cmd", "schedule", "Submit manifests on a cron schedule (next runs, run the scheduler)."),

@@ -19,22 +19,37 @@ from jobs.cli.options import model_option, templates_option
 @click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS; none: local single-node mode).")
 @click.option("--model-dir", default=None, help="Local directory with the model files (air-gapped clusters).")
 @click.option("--offload", default="auto", show_default=True, help="CPU offload plan: auto|none|model|blocks:N.")
+@click.option("--wait", is_flag=True, help="With a Ray Jobs address (http://head:8265): follow the job until it ends.")
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
 @templates_option
 def submit(manifest, output, model, workers, shard_size, batch_size, seed, max_attempts, overwrite, resume_anyway,
-           address, model_dir, offload, no_progress, template_dirs):
+           address, model_dir, offload, wait, no_progress, template_dirs):
     """Render every row of MANIFEST into --output, each image exactly once.
 
-    Without --address or RAY_ADDRESS it runs in the foreground on a local Ray instance. Running the
-    same command again resumes: rows already stored are not rendered again.
+    Without --address or RAY_ADDRESS it runs in the foreground on a local Ray instance. With a
+    cluster's GCS or client address (host:6379, ray://head:10001, auto) it drives the job from here;
+    with its dashboard address (http://head:8265) it submits a Ray job that runs on the cluster.
+    Running the same command again resumes: rows already stored are not rendered again.
     """
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    echo = lambda text: click.echo(text, err=True)  # noqa: E731
+    from jobs.cluster_jobs import is_jobs_api_address
+
+    if is_jobs_api_address(address):
+        from jobs.cluster_jobs import submit_to_cluster
+
+        return submit_to_cluster(
+            manifest, output, address=address, model=model, seed=seed, shard_size=shard_size, workers=workers,
+            batch_size=batch_size, max_attempts=max_attempts, overwrite=overwrite, resume_anyway=resume_anyway,
+            template_dirs=template_dirs, model_dir=model_dir, offload=offload, wait=wait, echo=echo,
+        )
     from jobs.submit_api import submit_job
 
     outcome = submit_job(
         manifest, output, model=model, seed=seed, shard_size=shard_size, workers=workers, batch_size=batch_size,
         max_attempts=max_attempts, overwrite=overwrite, resume_anyway=resume_anyway,
-        address=address or os.environ.get("RAY_ADDRESS") or None, show_progress=not no_progress,
-        template_dirs=template_dirs, model_dir=model_dir, offload=offload, echo=lambda t: click.echo(t, err=True),
+        address=address, show_progress=not no_progress,
+        template_dirs=template_dirs, model_dir=model_dir, offload=offload, echo=echo,
     )
     click.echo(
         f"job {outcome.job_id}: {outcome.done}/{outcome.total} rows stored "
