@@ -49,10 +49,11 @@ def _is_local(address: str) -> bool:
     return urlsplit(address).hostname in ("127.0.0.1", "localhost", "::1")
 
 
-def entrypoint_for(plan, *, workers, batch_size, max_attempts, overwrite, template_dirs, model_dir, offload) -> str:
+def entrypoint_for(plan, *, workers, batch_size, max_attempts, overwrite, template_dirs, model_dir, offload,
+                   device="auto") -> str:
     args = ["qwen-batch", "submit", plan.manifest, "--output", plan.output, "--model", plan.model,
             "--seed", str(plan.seed), "--shard-size", str(plan.shard_size), "--batch-size", str(batch_size),
-            "--max-attempts", str(max_attempts), "--offload", offload, "--no-progress"]
+            "--max-attempts", str(max_attempts), "--offload", offload, "--device", device, "--no-progress"]
     if workers:
         args += ["--workers", str(workers)]
     if overwrite:
@@ -66,9 +67,11 @@ def entrypoint_for(plan, *, workers, batch_size, max_attempts, overwrite, templa
 
 def submit_to_cluster(manifest: str, output: str, *, address: str, model: str, seed: int, shard_size: int,
                       workers, batch_size: int, max_attempts: int, overwrite: bool, resume_anyway: bool,
-                      template_dirs, model_dir, offload: str, wait: bool, echo) -> int:
+                      template_dirs, model_dir, offload: str, wait: bool, echo, device: str = "auto") -> int:
     from jobs.submit_api import prepare_job
+    from qwen_worker.loading import check_device_options
 
+    check_device_options(device, offload)
     client = client_for(address)
     if not output.startswith("s3://") and not _is_local(address):
         raise UserError(
@@ -88,7 +91,7 @@ def submit_to_cluster(manifest: str, output: str, *, address: str, model: str, s
         submission_id = plan.job_id if not previous else f"{plan.job_id}-{len(previous) + 1}"
         entrypoint = entrypoint_for(plan, workers=workers, batch_size=batch_size, max_attempts=max_attempts,
                                     overwrite=overwrite, template_dirs=template_dirs, model_dir=model_dir,
-                                    offload=offload)
+                                    offload=offload, device=device)
         env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
         try:
             _submit_when_agent_ready(

@@ -32,6 +32,7 @@ class RunOptions:
     overwrite: bool = False
     model_dir: str | None = None
     offload: str = "auto"
+    device: str = "auto"  # cpu: real presets on CPU workers (slow; DF11 decoded by our codec)
     show_progress: bool = True
     template_dirs: tuple[str, ...] = ()
 
@@ -99,13 +100,14 @@ def start_workers(plan: JobPlan, options: RunOptions, store: Store) -> list:
     from qwen_worker.actor import RenderWorker
 
     preset = get_preset(plan.model)
-    gpus = cluster_gpus()
-    if preset.needs_cuda and gpus == 0:
+    gpus = cluster_gpus() if options.device != "cpu" else 0
+    if preset.needs_cuda and gpus == 0 and options.device != "cpu":
         raise UserError(
             f"model {preset.name!r} needs GPUs and this Ray cluster has none "
-            "(use --model tiny on CPU, or point --address at a GPU cluster)"
+            "(point --address at a GPU cluster, use --device cpu to render on CPUs very slowly, "
+            "or --model tiny to try the pipeline)"
         )
-    use_gpus = gpus > 0 and preset.needs_cuda
+    use_gpus = gpus > 0 and preset.needs_cuda and options.device != "cpu"
     count = min(options.workers or gpus, gpus) if use_gpus else (options.workers or 1)
     resources = {"num_gpus": 1, "num_cpus": 1} if use_gpus else {"num_cpus": 1}
     if preset.host_memory_gb >= 4:
@@ -126,6 +128,8 @@ def start_workers(plan: JobPlan, options: RunOptions, store: Store) -> list:
                 existing="replace" if options.overwrite else plan.options.get("existing", "ours"),
                 store_options=store.worker_options(),
                 job_id=plan.job_id,
+                device=options.device,
+                images_per_call=options.batch_size,
             )
         )
     return actors

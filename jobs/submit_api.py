@@ -14,6 +14,7 @@ from jobs.plan import MANIFEST_COPY_KEY, JobPlan, claim_job, file_sha256, make_j
 from jobs.report import write_report
 from jobs.results import write_results
 from jobs.runner import JobOutcome, RunOptions, run_job
+from qwen_worker.errors import UserError
 from qwen_worker.presets import get_preset
 from qwen_worker.store import Store, open_store
 
@@ -79,6 +80,19 @@ def finish_job(prepared: PreparedJob, template_dirs=()) -> None:
     write_report(prepared.store)
 
 
+def check_local_gpu(preset, device: str) -> None:
+    """In local mode, refuse a GPU model on a machine without CUDA before anything is written."""
+    if not preset.needs_cuda or device == "cpu":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"model {preset.name!r} needs a CUDA GPU and this machine has none (run `qwen-batch doctor`; "
+            "--device cpu renders it on the CPU, very slowly; --model tiny tries the pipeline)"
+        )
+
+
 def submit_job(
     manifest: str,
     output: str,
@@ -96,12 +110,18 @@ def submit_job(
     template_dirs: tuple[str, ...] = (),
     model_dir: str | None = None,
     offload: str = "auto",
+    device: str = "auto",
     job_id: str | None = None,
     echo=None,
 ) -> JobOutcome:
     """Run a whole job in the foreground and return its outcome."""
     echo = echo or (lambda text: print(text, file=sys.stderr))
-    options = {"batch_size": batch_size, "max_attempts": max_attempts, "offload": offload}
+    from qwen_worker.loading import check_device_options
+
+    check_device_options(device, offload)
+    if address is None:
+        check_local_gpu(get_preset(model), device)
+    options = {"batch_size": batch_size, "max_attempts": max_attempts, "offload": offload, "device": device}
     if job_id:
         options["run_id"] = job_id
     prepared = prepare_job(
@@ -113,7 +133,7 @@ def submit_job(
     echo(f"{verb} job {plan.job_id}: {plan.rows} rows, model {plan.model}, output {plan.output}")
     run_options = RunOptions(
         workers=workers, batch_size=batch_size, max_attempts=max_attempts, overwrite=overwrite,
-        model_dir=model_dir, offload=offload, show_progress=show_progress, template_dirs=template_dirs,
+        model_dir=model_dir, offload=offload, device=device, show_progress=show_progress, template_dirs=template_dirs,
     )
     outcome = run_job(plan, prepared.store, run_options, address=address)
     finish_job(prepared, template_dirs)

@@ -34,6 +34,8 @@ class RenderWorker:
         existing: str = "ours",
         store_options: dict | None = None,
         job_id: str = "",
+        device: str = "auto",
+        images_per_call: int = 4,
     ):
         """`existing` says what to do with an image already stored at a row's key: "ours" keeps it
         when its embedded provenance is this row's (a crash came before the ledger), "any" keeps
@@ -50,11 +52,14 @@ class RenderWorker:
         started = time.perf_counter()
         from qwen_worker.loading import load_pipeline
 
-        self.pipe = load_pipeline(self.preset, model_dir=model_dir, offload=offload)
+        self.pipe = load_pipeline(self.preset, model_dir=model_dir, offload=offload, device=device,
+                                  images_per_call=images_per_call)
         self.load_s = time.perf_counter() - started
 
     def ping(self) -> dict:
-        return {"name": self.name, "pid": os.getpid(), "load_s": self.load_s}
+        """Who this worker is, how long its model took to load, and its offload plan (real models)."""
+        plan = getattr(self.pipe, "qwen_batch_offload_plan", None)
+        return {"name": self.name, "pid": os.getpid(), "load_s": self.load_s, "offload_plan": plan.to_dict() if plan else None}
 
     def render_shard(self, rows: list[RenderRow], batch_size: int = 4) -> Iterator[list[RowResult]]:
         """Render and store `rows`; yield the finished rows' results after each micro-batch."""

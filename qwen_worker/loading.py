@@ -5,24 +5,28 @@ from __future__ import annotations
 from qwen_worker.errors import UserError
 from qwen_worker.presets import ModelPreset
 
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+DEVICES = ("auto", "cuda", "cpu")
 
 
-def load_pipeline(preset: ModelPreset, *, model_dir: str | None = None, offload: str = "auto"):
+def check_device_options(device: str, offload: str) -> None:
+    """Validate `--device` and `--offload` on the driver, before any worker starts."""
+    from qwen_worker.offload import parse_offload
+
+    if device not in DEVICES:
+        raise UserError(f"`--device` must be auto, cuda or cpu, got: {device!r}")
+    parse_offload(offload)
+
+
+def load_pipeline(
+    preset: ModelPreset, *, model_dir: str | None = None, offload: str = "auto", device: str = "auto",
+    images_per_call: int = 4,
+):
     """The ready-to-call QwenImagePipeline for `preset` (tiny: built in code, no download)."""
     if preset.name == "tiny":
         from qwen_worker.tiny import build_tiny_pipeline
 
         return build_tiny_pipeline(seed=0)
-    if preset.needs_cuda and not cuda_available():
-        raise UserError(
-            f"model {preset.name!r} needs a CUDA GPU and none is visible to this worker "
-            "(run `qwen-batch doctor`; use --model tiny to try the pipeline on CPU)"
-        )
     from qwen_worker.real_model import load_real_pipeline
 
-    return load_real_pipeline(preset, model_dir=model_dir, offload=offload)
+    return load_real_pipeline(preset, model_dir=model_dir, offload=offload, device=device,
+                              images_per_call=images_per_call)

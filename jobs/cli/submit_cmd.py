@@ -19,11 +19,12 @@ from jobs.cli.options import model_option, templates_option
 @click.option("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS; none: local single-node mode).")
 @click.option("--model-dir", default=None, help="Local directory with the model files (air-gapped clusters).")
 @click.option("--offload", default="auto", show_default=True, help="CPU offload plan: auto|none|model|blocks:N.")
+@click.option("--device", default="auto", show_default=True, help="auto|cuda|cpu: cpu renders a real model on CPU workers (very slow).")
 @click.option("--wait", is_flag=True, help="With a Ray Jobs address (http://head:8265): follow the job until it ends.")
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
 @templates_option
 def submit(manifest, output, model, workers, shard_size, batch_size, seed, max_attempts, overwrite, resume_anyway,
-           address, model_dir, offload, wait, no_progress, template_dirs):
+           address, model_dir, offload, device, wait, no_progress, template_dirs):
     """Render every row of MANIFEST into --output, each image exactly once.
 
     Without --address or RAY_ADDRESS it runs in the foreground on a local Ray instance. With a
@@ -41,7 +42,7 @@ def submit(manifest, output, model, workers, shard_size, batch_size, seed, max_a
         return submit_to_cluster(
             manifest, output, address=address, model=model, seed=seed, shard_size=shard_size, workers=workers,
             batch_size=batch_size, max_attempts=max_attempts, overwrite=overwrite, resume_anyway=resume_anyway,
-            template_dirs=template_dirs, model_dir=model_dir, offload=offload, wait=wait, echo=echo,
+            template_dirs=template_dirs, model_dir=model_dir, offload=offload, device=device, wait=wait, echo=echo,
         )
     from jobs.submit_api import submit_job
 
@@ -49,7 +50,7 @@ def submit(manifest, output, model, workers, shard_size, batch_size, seed, max_a
         manifest, output, model=model, seed=seed, shard_size=shard_size, workers=workers, batch_size=batch_size,
         max_attempts=max_attempts, overwrite=overwrite, resume_anyway=resume_anyway,
         address=address, show_progress=not no_progress,
-        template_dirs=template_dirs, model_dir=model_dir, offload=offload, echo=echo,
+        template_dirs=template_dirs, model_dir=model_dir, offload=offload, device=device, echo=echo,
     )
     click.echo(
         f"job {outcome.job_id}: {outcome.done}/{outcome.total} rows stored "
