@@ -7,8 +7,8 @@ bounded by one row group plus 16 bytes per row (id/key hashes for the uniqueness
 from __future__ import annotations
 
 import hashlib
-import json
 import re
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -443,7 +443,8 @@ def validate_manifest(source: str, context: ResolveContext) -> ManifestSummary:
         raise ManifestError(errors)
     summary = ManifestSummary(extra_columns=[n for n in parquet_file.schema_arrow.names if n not in COLUMN_TYPES])
     total_errors = 0
-    id_hashes, key_hashes, key_rows = [], [], []
+    # 8-byte hashes of every id and image key (and the key's row): 24 bytes a row, for uniqueness
+    id_hashes, key_hashes, key_rows = array("q"), array("q"), array("q")
 
     def add(messages):
         nonlocal total_errors
@@ -471,8 +472,8 @@ def validate_manifest(source: str, context: ResolveContext) -> ManifestSummary:
             key_hashes.append(_hash64(key))
             key_rows.append(index)
 
-    add(_duplicates(parquet_file, np.array(id_hashes, dtype=np.int64), None, "id"))
-    add(_duplicates(parquet_file, np.array(key_hashes, dtype=np.int64), np.array(key_rows, dtype=np.int64), "output_key"))
+    add(_duplicates(parquet_file, np.frombuffer(id_hashes, dtype=np.int64), None, "id"))
+    add(_duplicates(parquet_file, np.frombuffer(key_hashes, dtype=np.int64), np.frombuffer(key_rows, dtype=np.int64), "output_key"))
     if summary.rows == 0:
         add(["manifest: has no rows"])
     if total_errors:
