@@ -206,6 +206,14 @@ def row_error(row_index: int, row_id: Any, field_name: str, rule: str, value: An
     return f"{who}: `{field_name}` {rule}, got: {_format_value(value)}"
 
 
+def template_error(row_index: int, row_id: Any, field_name: str, exc: Exception, value: Any) -> str:
+    """A template library message (a whole sentence) as a row error; the value is added unless
+    the message already quotes it."""
+    who = f"row {row_index} (id {row_id!r})"
+    text = str(exc)
+    return f"{who}: `{field_name}`: {text}" if "got:" in text else f"{who}: `{field_name}`: {text}, got: {_format_value(value)}"
+
+
 # --------------------------------------------------------------------------------------------
 # Reading
 
@@ -358,11 +366,11 @@ def resolve_row(index: int, raw: dict, context: ResolveContext) -> RenderRow:
         try:
             template = context.template_library().get(row.template)
         except UserError as exc:
-            raise _RowErrors([row_error(index, row_id, "template", str(exc), row.template)]) from None
+            raise _RowErrors([template_error(index, row_id, "template", exc, row.template)]) from None
         try:
             prompt = template.render(parse_params(row.params if row.params is not None else {}))
         except UserError as exc:
-            raise _RowErrors([row_error(index, row_id, "params", str(exc), row.params)]) from None
+            raise _RowErrors([template_error(index, row_id, "params", exc, row.params)]) from None
         negative = negative if negative is not None else template.negative_prompt
         aspect_ratio = aspect_ratio or (None if row.width is not None else template.aspect_ratio)
         language = language if "language" in raw else template.language

@@ -147,3 +147,39 @@ def test_large_manifest_streams_across_row_groups(write_manifest):
         "row 2500 (id 'r2500'): `steps` must be between 1 and 200, got: 999",
         "row 2999 (id 'r5'): `id` must be unique (row 5 has it too), got: 'r5'",
     ]
+
+
+def test_template_rows_resolve_and_bad_ones_name_the_field(write_manifest):
+    import json
+
+    params = {"product_name": "云雾绿茶", "product": "a tea caddy", "price": "¥39.9", "slogan": "一口春天的味道"}
+    rows = [
+        {"id": "a", "template": "product-poster", "params": json.dumps(params, ensure_ascii=False)},
+        {"id": "b", "template": "nope", "params": "{}"},
+        {"id": "c", "template": "product-poster", "params": json.dumps({"product_name": "x"})},
+        {"id": "d", "template": "product-poster", "params": "not json"},
+    ]
+    errors = errors_of(write_manifest(rows))
+    assert errors[0].startswith("row 1 (id 'b'): `template`: unknown template 'nope' (known: award-certificate, ")
+    assert errors[0].endswith(", got: 'nope'")
+    assert errors[1:] == [
+        "row 2 (id 'c'): `params`: template 'product-poster': missing param(s) `product`, `price`, `slogan`, "
+        "got: '{\"product_name\": \"x\"}'",
+        "row 3 (id 'd'): `params`: params must be a JSON object, got: 'not json'",
+    ]
+    summary = validate_manifest(write_manifest(rows[:1], name="ok.parquet"), REAL)
+    assert (summary.templates, summary.shapes) == ({"product-poster": 1}, {"1104x1472": 1})  # template's 3:4
+
+
+def test_text_to_draw_reaches_the_prompt_verbatim_in_quotes(write_manifest):
+    import json
+
+    from jobs.manifest import iter_raw_rows, open_parquet, resolve_row
+
+    params = {"product_name": "云雾绿茶 Cloud Tea", "product": "a tea caddy", "price": "¥39.9", "slogan": "“春”天"}
+    path = write_manifest([{"id": "a", "template": "product-poster", "params": json.dumps(params, ensure_ascii=False)}])
+    [(index, raw)] = list(iter_raw_rows(open_parquet(path)))
+    row = resolve_row(index, raw, REAL)
+    assert "“云雾绿茶 Cloud Tea”" in row.prompt and "“¥39.9”" in row.prompt
+    assert row.prompt.endswith(", 超清，4K，电影级构图.")
+    assert row.negative_prompt.startswith("模糊")
