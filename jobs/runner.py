@@ -35,6 +35,7 @@ class RunOptions:
     device: str = "auto"  # cpu: real presets on CPU workers (slow; DF11 decoded by our codec)
     show_progress: bool = True
     template_dirs: tuple[str, ...] = ()
+    speculate: bool = True  # re-dispatch the last in-flight shards to idle workers
 
 
 @dataclass
@@ -47,6 +48,7 @@ class JobOutcome:
     rendered: int  # rows rendered by this run
     skipped: int  # rows already done before this run started
     failed_ids: list[str] = field(default_factory=list)
+    speculative: int = 0  # straggler shards also handed to an idle worker
 
     @property
     def exit_code(self) -> int:
@@ -93,25 +95,30 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def worker_pool(preset, gpus: int, *, workers: int | None, device: str = "auto") -> tuple[int, dict]:
+    """How many RenderWorker actors to start and what each asks Ray for: one GPU each (capped by
+    --workers) plus the host RAM the preset needs, or --workers CPU actors (default 1)."""
+    use_gpus = preset.needs_cuda and device != "cpu"
+    if use_gpus and gpus == 0:
+        raise UserError(
+            f"model {preset.name!r} needs GPUs and this Ray cluster has none "
+            "(point --address at a GPU cluster, use --device cpu to render on CPUs very slowly, "
+            "or --model tiny to try the pipeline)"
+        )
+    count = min(workers or gpus, gpus) if use_gpus else (workers or 1)
+    resources = {"num_gpus": 1, "num_cpus": 1} if use_gpus else {"num_cpus": 1}
+    if preset.host_memory_gb >= 4:
+        resources["memory"] = int(preset.host_memory_gb * 1024**3)
+    return count, resources
+
+
 def start_workers(plan: JobPlan, options: RunOptions, store: Store) -> list:
     """One RenderWorker actor per GPU (capped by --workers), or --workers CPU actors (default 1)."""
     import ray
 
     from qwen_worker.actor import RenderWorker
 
-    preset = get_preset(plan.model)
-    gpus = cluster_gpus() if options.device != "cpu" else 0
-    if preset.needs_cuda and gpus == 0 and options.device != "cpu":
-        raise UserError(
-            f"model {preset.name!r} needs GPUs and this Ray cluster has none "
-            "(point --address at a GPU cluster, use --device cpu to render on CPUs very slowly, "
-            "or --model tiny to try the pipeline)"
-        )
-    use_gpus = gpus > 0 and preset.needs_cuda and options.device != "cpu"
-    count = min(options.workers or gpus, gpus) if use_gpus else (options.workers or 1)
-    resources = {"num_gpus": 1, "num_cpus": 1} if use_gpus else {"num_cpus": 1}
-    if preset.host_memory_gb >= 4:
-        resources["memory"] = int(preset.host_memory_gb * 1024**3)
+    count, resources = worker_pool(get_preset(plan.model), cluster_gpus(), workers=options.workers, device=options.device)
     remote_class = ray.remote(RenderWorker)
     actors = []
     for n in range(count):
@@ -133,6 +140,29 @@ def start_workers(plan: JobPlan, options: RunOptions, store: Store) -> list:
             )
         )
     return actors
+
+
+def record_workers(store: Store, plan: JobPlan, actors: list, timeout_s: float = 5.0) -> None:
+    """Add each live worker's name, model load time and offload plan to job.json (plans differ per
+    machine: free VRAM and host RAM decide them)."""
+    import ray
+
+    from jobs.plan import JOB_RECORD_KEY
+
+    refs = [actor.ping.remote() for actor in actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    workers = []
+    for ref in ready:
+        try:
+            info = ray.get(ref)
+        except Exception:  # a dead worker has nothing to report
+            continue
+        workers.append({"name": info["name"], "load_s": round(info["load_s"], 2), "offload_plan": info["offload_plan"]})
+    plan.options["workers"] = sorted(workers, key=lambda w: w["name"])
+    try:
+        store.put(JOB_RECORD_KEY, plan.to_json())
+    except Exception:  # bookkeeping only: never turn a finished job into a failure
+        pass
 
 
 def plan_work(plan: JobPlan, context: ResolveContext, ledger: dict[int, RowResult], states: dict) -> Iterator[ShardWork]:
@@ -191,6 +221,7 @@ def run_job(plan: JobPlan, store: Store, options: RunOptions, *, address: str | 
         state = "finished"
     finally:
         progress_file.write(state, force=True)
+        record_workers(store, plan, actors)
         for actor in actors:
             ray.kill(actor)
         if owns_ray:
@@ -205,18 +236,29 @@ def _drive(plan, store, options, actors, fresh_work, states, progress, outcome, 
     retry_queue: collections.deque[ShardWork] = collections.deque()
     idle = list(actors)
     in_flight: dict = {}  # generator -> (actor, ShardWork, settled row indices)
-    attempts: dict[int, int] = {}
+    speculated: set[int] = set()  # shards also handed to a second worker (stragglers)
+
+    manifest_read = False  # every shard of the manifest has been handed out once
 
     def next_work() -> ShardWork | None:
+        nonlocal manifest_read
         now = time.monotonic()
         for _ in range(len(retry_queue)):
             work = retry_queue.popleft()
             if work.ready_at <= now:
                 return work
             retry_queue.append(work)
-        return next(fresh_work, None)
+        work = next(fresh_work, None)
+        manifest_read = work is None
+        return work
+
+    def is_settled(shard_index: int, row_index: int) -> bool:
+        state = states.get(shard_index)
+        return state is None or row_index in state.results
 
     def settle(work: ShardWork, result: RowResult) -> None:
+        if is_settled(work.shard_index, result.row_index):
+            return  # a straggler's copy already settled this row: the first result wins
         result.attempts = work.attempt
         state = states[work.shard_index]
         state.results[result.row_index] = result
@@ -233,6 +275,9 @@ def _drive(plan, store, options, actors, fresh_work, states, progress, outcome, 
             del states[work.shard_index]
 
     def retry_or_fail(work: ShardWork, rows: list[RenderRow], error: str) -> None:
+        rows = [row for row in rows if not is_settled(work.shard_index, row.row_index)]
+        if not rows:
+            return
         if work.attempt >= options.max_attempts:
             for row in rows:
                 settle(work, _failed(row, f"gave up after {work.attempt} attempts: {error}"))
@@ -247,6 +292,19 @@ def _drive(plan, store, options, actors, fresh_work, states, progress, outcome, 
     def unsettled(work: ShardWork, seen: set[int]) -> list[RenderRow]:
         return [row for row in work.rows if row.row_index not in seen]
 
+    def speculate() -> bool:
+        """Nothing left to hand out and a worker idle: give it a copy of the oldest in-flight shard's
+        unsettled rows (once per shard). Rendering is deterministic and puts are conditional, so
+        both copies write the same bytes once; the first result of each row wins."""
+        for _actor, work, seen in list(in_flight.values()):
+            rows = [r for r in unsettled(work, seen) if not is_settled(work.shard_index, r.row_index)]
+            if work.shard_index not in speculated and rows:
+                speculated.add(work.shard_index)
+                outcome.speculative += 1
+                dispatch(idle.pop(), ShardWork(work.shard_index, rows, work.attempt))
+                return True
+        return False
+
     recovering: dict = {}  # ping -> actor: a restarted actor gets work again once it answers
 
     def recover(actor) -> None:
@@ -259,8 +317,12 @@ def _drive(plan, store, options, actors, fresh_work, states, progress, outcome, 
     while True:
         while idle and (work := next_work()) is not None:
             dispatch(idle.pop(), work)
+        while idle and not retry_queue and options.speculate and speculate():
+            pass
         metrics.in_flight.set(sum(len(w.rows) - len(seen) for _a, w, seen in in_flight.values()), metrics.tags)
         progress_file.write()
+        if manifest_read and not states and not retry_queue:
+            break  # every row has settled (a straggler's slower copy may still be running: it is killed)
         if not in_flight and not recovering:
             if not retry_queue:
                 break  # every row has settled

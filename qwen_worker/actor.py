@@ -15,7 +15,7 @@ from typing import Iterator
 from qwen_worker.encode import content_type, encode_image, read_provenance
 from qwen_worker.errors import QwenBatchError, UserError
 from qwen_worker.presets import get_preset
-from qwen_worker.render import ImageTask, micro_batches, render_batch
+from qwen_worker.render import ImageTask, is_fatal_cuda_error, micro_batches, render_splitting_on_oom
 from qwen_worker.rows import RenderRow, RowResult, RowStatus
 from qwen_worker.store import open_store, sha256_hex
 
@@ -84,9 +84,12 @@ class RenderWorker:
         if to_render:
             try:
                 started = time.perf_counter()
-                images = render_batch(self.pipe, to_render)
+                images = render_splitting_on_oom(self.pipe, to_render)
                 render_s = (time.perf_counter() - started) / len(to_render)
             except Exception as exc:  # a broken batch fails its rows, the shard goes on
+                if is_fatal_cuda_error(exc):  # a broken CUDA context: let Ray restart this worker
+                    print(f"{self.name}: fatal CUDA error, exiting so Ray restarts the worker: {exc}", flush=True)
+                    os._exit(70)
                 return self._fail(to_render, pending, exc)
             for task, image in zip(to_render, images):
                 progress = pending[task.row.row_index]

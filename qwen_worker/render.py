@@ -65,3 +65,39 @@ def render_batch(pipe, tasks: list[ImageTask]) -> list:
     )
     return list(output.images)
 
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(exc)
+
+
+def is_fatal_cuda_error(exc: BaseException) -> bool:
+    """A CUDA error after which the process's CUDA context cannot be trusted (illegal access,
+    device-side assert, launch failure): the worker must exit so Ray restarts it fresh."""
+    text = str(exc)
+    return not is_out_of_memory(exc) and ("CUDA error" in text or "cudaError" in text or "CUBLAS_STATUS" in text)
+
+
+def render_splitting_on_oom(pipe, tasks: list[ImageTask]) -> list:
+    """render_batch, retrying a batch that runs out of GPU memory as two halves (down to one image);
+    a single image that still does not fit raises."""
+    try:
+        return render_batch(pipe, tasks)
+    except Exception as exc:
+        if not is_out_of_memory(exc) or len(tasks) == 1:
+            raise
+    _free_cuda_cache()
+    half = len(tasks) // 2
+    return render_splitting_on_oom(pipe, tasks[:half]) + render_splitting_on_oom(pipe, tasks[half:])
+
+
+def _free_cuda_cache() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

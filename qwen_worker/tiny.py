@@ -17,6 +17,19 @@ TEMPLATE_PREFIX = (
 TEMPLATE_DROP_TOKENS = 34
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
+# The tiny transformer: Qwen-Image's architecture (QwenImageTransformer2DModel) at toy width.
+TINY_TRANSFORMER_CONFIG = dict(
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    guidance_embeds=False,
+    axes_dims_rope=(4, 6, 6),
+)
+
 _CORPUS = [
     TEMPLATE_PREFIX,
     "<|im_end|>\n<|im_start|>assistant\n",
@@ -116,17 +129,7 @@ def build_tiny_pipeline(*, seed: int = 0, dtype=None):
 
     dtype = dtype or torch.float32
     torch.manual_seed(seed)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=64,
-        out_channels=16,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        guidance_embeds=False,
-        axes_dims_rope=(4, 6, 6),
-    )
+    transformer = QwenImageTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLQwenImage(
         base_dim=8,

@@ -24,6 +24,7 @@ COMMANDS = {
     "templates": ("jobs.cli.templates_cmd", "templates", "List, show and render the prompt templates (built-in and your own)."),
     "manifest": ("jobs.cli.manifest_cmd", "manifest", "Make a Parquet manifest from CSV / JSON Lines, or a sample one per template."),
     "schedule": ("jobs.cli.schedule_cmd", "schedule", "Submit manifests on a cron schedule (next runs, run the scheduler)."),
+    "df11": ("jobs.cli.df11_cmd", "df11", "DFloat11-compress a fine-tuned or LoRA-merged Qwen-Image transformer (CPU)."),
     "report": ("jobs.cli.report_cmd", "report", "Write DEST/report.html: a gallery of the job's images, prompts, status and timings."),
     "doctor": ("jobs.cli.doctor_cmd", "doctor", "Check GPUs, CUDA, dfloat11, host RAM, the offload plan, model files, S3 and Ray for a model."),
 }

@@ -19,6 +19,8 @@ import time
 import pytest
 import torch
 
+from qwen_worker.tiny import TINY_TRANSFORMER_CONFIG
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run tests/gpu/run_gpu_checks.sh)"),
@@ -37,10 +39,7 @@ QWEN_IMAGE_CONFIG = dict(  # Qwen/Qwen-Image transformer/config.json
     guidance_embeds=False,
     axes_dims_rope=(16, 56, 56),
 )
-TINY_CONFIG = dict(
-    patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
-    joint_attention_dim=32, guidance_embeds=False, axes_dims_rope=(4, 6, 6),
-)
+TINY_CONFIG = TINY_TRANSFORMER_CONFIG
 
 
 def dfloat11_model_class():

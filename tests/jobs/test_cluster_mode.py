@@ -143,3 +143,16 @@ def test_metrics_are_exported_to_prometheus(ray_session, ray_metrics_port, write
         time.sleep(2)
     assert found == wanted
     assert f'job_id="{outcome.job_id}"' in text
+
+
+def test_a_straggler_shard_is_also_given_to_an_idle_worker_and_stored_once(ray_session, write_manifest, tmp_path):
+    slow = {"id": "slow-000", "prompt": "a very large poster", "width": 512, "height": 512, "steps": 6}
+    rows = [slow, *tiny_rows(9)]  # shard 0: the slow row alone; shards 1-3: quick rows
+    manifest = write_manifest(rows)
+    outcome = submit_job(manifest, str(tmp_path / "out"), model="tiny", workers=2, shard_size=3, batch_size=1,
+                         show_progress=False, echo=lambda _: None)
+    assert (outcome.done, outcome.failed) == (10, 0)
+    assert outcome.speculative >= 1
+    records = ledger(tmp_path / "out")
+    assert sorted(r["id"] for r in records) == sorted(r["id"] for r in rows)
+    assert len(list((tmp_path / "out" / "images").iterdir())) == 10

@@ -56,6 +56,8 @@ def test_full_job_stores_every_image_once_with_ledger_and_results(ray_session, w
     assert results.column("prompt").to_pylist()[1].endswith(", 超清，4K，电影级构图.")
     job = json.loads((Path(output) / "job.json").read_text())
     assert (job["job_id"], job["rows"], job["model"], job["shard_size"]) == (outcome.job_id, 10, "tiny", 4)
+    [worker] = job["options"]["workers"]  # each worker's load time and offload plan (none for tiny)
+    assert worker["name"] == f"qwen-worker-{outcome.job_id}-0" and worker["offload_plan"] is None
     assert (Path(output) / "manifest.parquet").read_bytes() == Path(manifest).read_bytes()
 
 

@@ -440,18 +440,10 @@ def test_compress_state_dict_rejects_bad_input(tmp_path):
 def tiny_transformer(seed: int):
     from diffusers import QwenImageTransformer2DModel
 
+    from qwen_worker.tiny import TINY_TRANSFORMER_CONFIG
+
     torch.manual_seed(seed)
-    model = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=64,
-        out_channels=16,
-        num_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        guidance_embeds=False,
-        axes_dims_rope=(4, 6, 6),
-    )
+    model = QwenImageTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
     return model.to(torch.bfloat16).eval()
 
 

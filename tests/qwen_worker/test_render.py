@@ -65,3 +65,55 @@ def test_encode_is_deterministic_and_decodable(fmt, pil_format):
     assert data == encode_image(image, fmt)
     decoded = Image.open(io.BytesIO(data))
     assert (decoded.format, decoded.size) == (pil_format, (48, 32))
+
+
+class RunsOutOfMemoryAbove:
+    """The real tiny pipeline behind a GPU-memory limit: a call with more than `limit` prompts
+    raises torch's own CUDA out-of-memory error, as a 24 GB card does for too large a batch."""
+
+    def __init__(self, pipe, limit):
+        self.pipe, self.limit, self.calls = pipe, limit, []
+
+    def __call__(self, **kwargs):
+        import torch
+
+        self.calls.append(len(kwargs["prompt"]))
+        if len(kwargs["prompt"]) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.pipe(**kwargs)
+
+
+def test_a_batch_out_of_gpu_memory_is_retried_in_halves(tiny_pipe):
+    from qwen_worker.render import render_splitting_on_oom
+
+    tasks = [ImageTask(make_row(n, f"prompt {n}"), 0) for n in range(5)]
+    limited = RunsOutOfMemoryAbove(tiny_pipe, 2)
+    images = render_splitting_on_oom(limited, tasks)
+    assert limited.calls == [5, 2, 3, 1, 2]
+    for image, task in zip(images, tasks):
+        alone = render_batch(tiny_pipe, [task])[0]
+        assert np.abs(pixels(image) - pixels(alone)).max() <= 1
+
+
+def test_one_image_that_does_not_fit_raises(tiny_pipe):
+    import torch
+
+    from qwen_worker.render import render_splitting_on_oom
+
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="CUDA out of memory"):
+        render_splitting_on_oom(RunsOutOfMemoryAbove(tiny_pipe, 0), [ImageTask(make_row(0), 0)])
+
+
+@pytest.mark.parametrize(
+    "message, fatal",
+    [
+        ("CUDA error: an illegal memory access was encountered", True),
+        ("CUDA error: device-side assert triggered", True),
+        ("CUDA out of memory. Tried to allocate 2.00 GiB", False),
+        ("shape mismatch", False),
+    ],
+)
+def test_fatal_cuda_errors_are_told_apart(message, fatal):
+    from qwen_worker.render import is_fatal_cuda_error
+
+    assert is_fatal_cuda_error(RuntimeError(message)) is fatal
