@@ -56,6 +56,7 @@ def submit(manifest, output, model, workers, shard_size, batch_size, seed, max_a
         f"job {outcome.job_id}: {outcome.done}/{outcome.total} rows stored "
         f"({outcome.rendered} rendered now, {outcome.skipped} already done), {outcome.failed} failed"
     )
+    click.echo(f"images: {outcome.output.rstrip('/')}/images/   gallery: {outcome.output.rstrip('/')}/report.html")
     if outcome.failed:
         shown = ", ".join(outcome.failed_ids[:10]) + (" …" if len(outcome.failed_ids) > 10 else "")
         click.echo(
