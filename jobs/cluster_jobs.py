@@ -65,9 +65,10 @@ def entrypoint_for(plan, *, workers, batch_size, max_attempts, overwrite, templa
     return shlex.join(args)
 
 
-def submit_to_cluster(manifest: str, output: str, *, address: str, model: str, seed: int, shard_size: int,
-                      workers, batch_size: int, max_attempts: int, overwrite: bool, resume_anyway: bool,
-                      template_dirs, model_dir, offload: str, wait: bool, echo, device: str = "auto") -> int:
+def submit_to_cluster(manifest: str, output: str, *, address: str, model: str = "qwen-image-df11", seed: int = 0,
+                      shard_size: int = 32, workers=None, batch_size: int = 4, max_attempts: int = 3,
+                      overwrite: bool = False, resume_anyway: bool = False, template_dirs=(), model_dir=None,
+                      offload: str = "auto", wait: bool = False, echo=print, device: str = "auto") -> int:
     from jobs.submit_api import prepare_job
     from qwen_worker.loading import check_device_options
 

@@ -172,9 +172,11 @@ def plan_work(plan: JobPlan, context: ResolveContext, ledger: dict[int, RowResul
 
     def flush(shard_index: int, rows: list[RenderRow]):
         start, stop = plan.shard_range(shard_index)
+        if not rows:  # every row of the shard is done: its ledger file is already written
+            return None
         known = {i: ledger[i] for i in range(start, stop) if i in ledger and ledger[i].status is RowStatus.DONE}
         states[shard_index] = _ShardState(set(range(start, stop)), known)
-        return ShardWork(shard_index, rows) if rows else None
+        return ShardWork(shard_index, rows)
 
     parquet_file = open_parquet(plan.manifest)
     for index, raw in iter_raw_rows(parquet_file):
@@ -207,21 +209,23 @@ def run_job(plan: JobPlan, store: Store, options: RunOptions, *, address: str | 
 
     owns_ray = connect_ray(address)
     progress_file = ProgressFile(store, plan.job_id, progress)
-    progress_file.write(force=True)
-    actors = start_workers(plan, options, store)
-    from qwen_worker.metrics import DriverMetrics
-
-    metrics = DriverMetrics(plan.job_id)
-    if already_done:
-        metrics.skipped.inc(already_done, metrics.tags)
+    actors: list = []
     state = "failed"
     try:
+        actors = start_workers(plan, options, store)
+        progress_file.write(force=True)
+        from qwen_worker.metrics import DriverMetrics
+
+        metrics = DriverMetrics(plan.job_id)
+        if already_done:
+            metrics.skipped.inc(already_done, metrics.tags)
         _drive(plan, store, options, actors, plan_work(plan, context, ledger, states := {}), states, progress, outcome,
                progress_file, metrics)
         state = "finished"
     finally:
-        progress_file.write(state, force=True)
-        record_workers(store, plan, actors)
+        if actors:
+            progress_file.write(state, force=True)
+            record_workers(store, plan, actors)
         for actor in actors:
             ray.kill(actor)
         if owns_ray:

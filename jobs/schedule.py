@@ -625,9 +625,18 @@ def submit_planned_run(run: PlannedRun) -> int:
         from jobs.submit_api import submit_job
     except ImportError as exc:
         raise UserError(f"scheduled submits need jobs.submit_api, which is not available: {exc}") from None
+    import os
+
+    from jobs.cluster_jobs import is_jobs_api_address, submit_to_cluster
+
     options = {"show_progress": False, **run.options}
     if run.model is not None:
         options["model"] = run.model
+    address = options.get("address") or os.environ.get("RAY_ADDRESS")
+    if is_jobs_api_address(address):  # hand it to the cluster and return: the scheduler does not wait
+        options.pop("show_progress")
+        options["address"] = address
+        return submit_to_cluster(run.manifest, run.output, wait=False, echo=log.info, **options)
     outcome = submit_job(run.manifest, run.output, job_id=run.run_id, **options)
     return getattr(outcome, "exit_code", outcome)
 
