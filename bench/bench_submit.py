@@ -115,13 +115,14 @@ def batch_sizes(size: int, steps: int) -> None:
 
 
 VALIDATE_SCRIPT = """
-import resource, sys, time
+import sys, time
 from jobs.manifest import ResolveContext, validate_manifest
 from qwen_worker.presets import get_preset
 started = time.perf_counter()
 summary = validate_manifest(sys.argv[1], ResolveContext(preset=get_preset("qwen-image-df11")))
 elapsed = time.perf_counter() - started
-peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM: this process's own peak (ru_maxrss would include the parent's, inherited across exec)
+peak_mb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 print(f"{summary.rows} {elapsed:.1f} {peak_mb:.0f}")
 """
 
