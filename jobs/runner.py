@@ -36,6 +36,7 @@ class RunOptions:
     show_progress: bool = True
     template_dirs: tuple[str, ...] = ()
     speculate: bool = True  # re-dispatch the last in-flight shards to idle workers
+    new_output: bool = False  # the job was just created in its output: no stored image can be ours
 
 
 @dataclass
@@ -137,6 +138,7 @@ def start_workers(plan: JobPlan, options: RunOptions, store: Store) -> list:
                 job_id=plan.job_id,
                 device=options.device,
                 images_per_call=options.batch_size,
+                check_stored=not options.new_output,
             )
         )
     return actors

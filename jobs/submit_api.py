@@ -134,6 +134,7 @@ def submit_job(
     run_options = RunOptions(
         workers=workers, batch_size=batch_size, max_attempts=max_attempts, overwrite=overwrite,
         model_dir=model_dir, offload=offload, device=device, show_progress=show_progress, template_dirs=template_dirs,
+        new_output=not prepared.resumed,
     )
     outcome = run_job(plan, prepared.store, run_options, address=address)
     finish_job(prepared, template_dirs)

@@ -36,14 +36,18 @@ class RenderWorker:
         job_id: str = "",
         device: str = "auto",
         images_per_call: int = 4,
+        check_stored: bool = True,
     ):
         """`existing` says what to do with an image already stored at a row's key: "ours" keeps it
         when its embedded provenance is this row's (a crash came before the ledger), "any" keeps
-        whatever is there (--resume-anyway), "replace" renders again (--overwrite)."""
+        whatever is there (--resume-anyway), "replace" renders again (--overwrite).
+        `check_stored=False` (a job new to its output) skips that look-up: nothing of this job can be
+        there yet, and the conditional put still reports a foreign file."""
         self.preset = get_preset(model)
         self.store = open_store(output_uri, overwrite=overwrite or existing == "replace", **(store_options or {}))
         self.manifest_sha256 = manifest_sha256
         self.existing = existing
+        self.check_stored = check_stored or existing == "any"
         self._retries_reported = 0
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         from qwen_worker.metrics import WorkerMetrics
@@ -125,7 +129,7 @@ class RenderWorker:
 
     def _keepable_stored_image(self, task: ImageTask) -> bytes | None:
         """The bytes already stored at the task's key, when the policy says to keep them."""
-        if self.existing == "replace":
+        if self.existing == "replace" or not self.check_stored:
             return None
         try:
             data = self.store.get(task.key)

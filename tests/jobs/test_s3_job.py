@@ -61,19 +61,20 @@ def test_job_to_s3_has_the_same_bytes_as_to_a_local_dir(ray_session, s3_bucket, 
 def test_faults_on_every_request_still_store_each_row_exactly_once(
     ray_session, s3_server, s3_bucket, fault_proxy, write_manifest, tmp_path, monkeypatch
 ):
-    manifest = write_manifest(tiny_rows(16))
+    manifest = write_manifest(tiny_rows(24))
     run(manifest, tmp_path / "clean")
     proxy = fault_proxy(seed=11, slowdown=0.10, reset=0.03, drop=0.05)
+    proxy.queue("drop", "slowdown", "reset")  # each kind at least once, whatever the request order
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
 
     outcome = run(manifest, s3_bucket)
 
-    assert (outcome.done, outcome.failed) == (16, 0)
-    assert sum(proxy.injected.values()) >= 10 and {"slowdown", "drop"} <= set(proxy.injected)
+    assert (outcome.done, outcome.failed) == (24, 0)
+    assert sum(proxy.injected.values()) >= 8 and {"slowdown", "drop", "reset"} <= set(proxy.injected)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)  # check the server itself
     assert s3_images(s3_bucket) == local_images(tmp_path / "clean")  # no duplicate, none missing
     status = job_status(s3_bucket)
-    assert (status["done"], status["pending"]) == (16, 0)
+    assert (status["done"], status["pending"]) == (24, 0)
 
 
 def wait_for_images(uri, at_least, process, timeout=120):
