@@ -97,3 +97,19 @@ def test_submit_and_status_exit_codes(ray_session, write_manifest, tmp_path):
 def test_status_of_a_directory_without_a_job(tmp_path):
     result = qwen_batch("status", str(tmp_path))
     assert (result.returncode, result.stderr) == (1, f"error: no job found in {tmp_path} (it has no job.json)\n")
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_readme_examples_are_valid(tmp_path):
+    manifest = tmp_path / "demo.parquet"
+    made = subprocess.run([sys.executable, str(REPO / "examples" / "make_demo_manifest.py"), str(manifest)],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    validated = qwen_batch("validate", str(manifest), "--model", "tiny")
+    assert validated.returncode == 0 and "OK — 12 rows, 12 images" in validated.stdout
+    assert "languages: zh ×8, en ×4" in validated.stdout
+    schedule = qwen_batch("schedule", "next", str(REPO / "examples" / "schedule.yaml"), "--count", "12")
+    assert schedule.returncode == 0, schedule.stderr
+    assert "daily-posters" in schedule.stdout and "weekly-travel-guides" in schedule.stdout
