@@ -59,7 +59,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 from zoneinfo import ZoneInfo
 
-import yaml
 from croniter import croniter
 from croniter import CroniterBadDateError
 
@@ -194,17 +193,10 @@ def plan_run(entry: Entry, fire_time: datetime) -> PlannedRun:
 
 
 def load_schedule(path: str | Path) -> Schedule:
+    from jobs.yaml_files import read_yaml
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ScheduleError(f"cannot read schedule file {path}: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ScheduleError(f"bad schedule file {path}: YAML error{where}: {getattr(exc, 'problem', exc)}") from None
+    data = read_yaml(path, "schedule", ScheduleError)
     return parse_schedule(data, default_name=path.stem, source=str(path))
 
 

@@ -31,7 +31,6 @@ from typing import Any, Mapping, Sequence
 import jinja2
 import jinja2.meta
 import jinja2.sandbox
-import yaml
 
 from qwen_worker.errors import UserError
 from qwen_worker.presets import ASPECT_RATIOS  # Qwen-Image's table, (width, height) by ratio
@@ -345,18 +344,10 @@ def _template_from_mapping(data: Any, source: str) -> Template:
 
 
 def load_template_file(path: str | Path) -> Template:
+    from jobs.yaml_files import read_yaml
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TemplateError(f"cannot read template file {path}: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise TemplateError(f"bad template file {path}: YAML error{where}: {problem}") from None
+    data = read_yaml(path, "template", TemplateError)
     return _template_from_mapping(data, str(path))
 
 
