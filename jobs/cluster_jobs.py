@@ -52,7 +52,7 @@ def _is_local(address: str) -> bool:
 def entrypoint_for(plan, *, workers, batch_size, max_attempts, overwrite, template_dirs, model_dir, offload,
                    device="auto") -> str:
     args = ["qwen-batch", "submit", plan.manifest, "--output", plan.output, "--model", plan.model,
-            "--seed", str(plan.seed), "--shard-size", str(plan.shard_size), "--batch-size", str(batch_size),
+            "--seed", str(plan.seed), "--shard-size", str(plan.shard_size), "--batch-size", str(batch_size or "auto"),
             "--max-attempts", str(max_attempts), "--offload", offload, "--device", device, "--no-progress"]
     if workers:
         args += ["--workers", str(workers)]

@@ -26,7 +26,7 @@ from qwen_worker.store import Store
 @dataclass
 class RunOptions:
     workers: int | None = None  # None: one per GPU, or 1 CPU actor when there is no GPU
-    batch_size: int = 4
+    batch_size: int = 4  # 0: auto, each worker fits it to its GPU memory per image shape
     max_attempts: int = 3
     retry_backoff_s: float = 1.0
     overwrite: bool = False
@@ -137,7 +137,7 @@ def start_workers(plan: JobPlan, options: RunOptions, store: Store) -> list:
                 store_options=store.worker_options(),
                 job_id=plan.job_id,
                 device=options.device,
-                images_per_call=options.batch_size,
+                images_per_call=options.batch_size or 4,  # the offload plan is sized for this
                 check_stored=not options.new_output,
             )
         )

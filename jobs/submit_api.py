@@ -121,7 +121,7 @@ def submit_job(
     check_device_options(device, offload)
     if address is None:
         check_local_gpu(get_preset(model), device)
-    options = {"batch_size": batch_size, "max_attempts": max_attempts, "offload": offload, "device": device}
+    options = {"batch_size": batch_size or "auto", "max_attempts": max_attempts, "offload": offload, "device": device}
     if job_id:
         options["run_id"] = job_id
     prepared = prepare_job(

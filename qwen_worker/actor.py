@@ -66,9 +66,10 @@ class RenderWorker:
         return {"name": self.name, "pid": os.getpid(), "load_s": self.load_s, "offload_plan": plan.to_dict() if plan else None}
 
     def render_shard(self, rows: list[RenderRow], batch_size: int = 4) -> Iterator[list[RowResult]]:
-        """Render and store `rows`; yield the finished rows' results after each micro-batch."""
+        """Render and store `rows`; yield the finished rows' results after each micro-batch.
+        `batch_size` 0 means auto: as many images per call as this worker's GPU memory fits."""
         pending = {row.row_index: _RowProgress(row) for row in rows}
-        for tasks in micro_batches(rows, batch_size):
+        for tasks in micro_batches(rows, batch_size or self.auto_batch_size):
             finished = self._render_and_store(tasks, pending)
             if finished:
                 yield finished
@@ -108,6 +109,15 @@ class RenderWorker:
                     continue
                 progress.add(task.index, sha256_hex(data), rendered=True)
         return self._collect(tasks, pending)
+
+    def auto_batch_size(self, row: RenderRow) -> int:
+        """Images of `row`'s shape per pipeline call that fit this worker's offload plan."""
+        from qwen_worker.offload import DEFAULT_IMAGES_PER_CALL, auto_batch_size
+
+        plan = getattr(self.pipe, "qwen_batch_offload_plan", None)
+        if plan is None:  # tiny model: no memory plan
+            return DEFAULT_IMAGES_PER_CALL
+        return auto_batch_size(plan, preset=self.preset, megapixels=row.width * row.height / 1e6)
 
     def provenance(self, task: ImageTask) -> dict:
         """What the image embeds about how it was made (no output location: same bytes anywhere)."""

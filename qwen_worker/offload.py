@@ -55,6 +55,7 @@ class OffloadPlan:
     reason: str  # why this plan, in words
     requested: str = "auto"  # the --offload value it answers
     device: str = "cuda"  # "cuda" | "cpu"
+    free_vram_gb: float = 0.0  # free GPU memory the plan was made for (before the model loaded)
 
     @property
     def label(self) -> str:
@@ -259,7 +260,25 @@ def choose_offload_plan(
         host_ram_needed_gb=round(need, 2),
         reason=why,
         requested=requested,
+        free_vram_gb=round(free_vram_gb, 2),
     )
+
+
+def auto_batch_size(plan: OffloadPlan, *, preset: ModelPreset, megapixels: float, limit: int = 8) -> int:
+    """`--batch-size auto`: the most images of `megapixels` each that one pipeline call can render
+    under `plan` within the GPU memory the plan was made for (at least 1, at most `limit`).
+    Small models and CPU workers get DEFAULT_IMAGES_PER_CALL."""
+    fp = preset.footprint
+    if plan.device == "cpu" or fp is None:
+        return min(limit, DEFAULT_IMAGES_PER_CALL)
+    budget = _budget(plan.free_vram_gb)
+    blocks = plan.cpu_offload_blocks or 0
+    best = 1
+    for images in range(2, limit + 1):
+        if _largest(_stage_peaks(fp, plan.mode, blocks, images, megapixels))[1] > budget:
+            break
+        best = images
+    return best
 
 
 def _fewest_blocks(fp: MemoryFootprint, budget: float, images: int, megapixels: float) -> int:

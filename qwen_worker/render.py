@@ -8,7 +8,7 @@ image does not depend on which other images share its batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from qwen_worker.rows import RenderRow
 
@@ -29,8 +29,9 @@ class ImageTask:
         return self.row.image_seeds()[self.index]
 
 
-def micro_batches(rows: Iterable[RenderRow], batch_size: int) -> Iterator[list[ImageTask]]:
-    """Images grouped by shape key, in first-seen order, in chunks of at most `batch_size`.
+def micro_batches(rows: Iterable[RenderRow], batch_size: int | Callable[[RenderRow], int]) -> Iterator[list[ImageTask]]:
+    """Images grouped by shape key, in first-seen order, in chunks of at most `batch_size` (a number,
+    or a function of a group's first row: the size that fits that shape).
 
     Deterministic for a given row list, so the same shard renders the same calls everywhere.
     """
@@ -39,8 +40,9 @@ def micro_batches(rows: Iterable[RenderRow], batch_size: int) -> Iterator[list[I
         for index in range(len(row.keys)):
             groups.setdefault(row.shape_key, []).append(ImageTask(row, index))
     for tasks in groups.values():
-        for start in range(0, len(tasks), batch_size):
-            yield tasks[start : start + batch_size]
+        size = batch_size(tasks[0].row) if callable(batch_size) else batch_size
+        for start in range(0, len(tasks), size):
+            yield tasks[start : start + size]
 
 
 def render_batch(pipe, tasks: list[ImageTask]) -> list:

@@ -16,3 +16,22 @@ templates_option = click.option(
     help="Extra directory of prompt templates (repeatable); overrides built-ins of the same name.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+class BatchSize(click.ParamType):
+    """`auto` (stored as 0: each worker picks what its GPU memory fits) or a number 1-64."""
+
+    name = "auto|1-64"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "auto":
+            return 0
+        try:
+            number = int(value)
+        except ValueError:
+            self.fail(f"must be auto or a number from 1 to 64, got: {value!r}", param, ctx)
+        if not 1 <= number <= 64:
+            self.fail(f"must be auto or a number from 1 to 64, got: {number}", param, ctx)
+        return number

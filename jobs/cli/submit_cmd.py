@@ -2,7 +2,7 @@ import os
 
 import click
 
-from jobs.cli.options import model_option, templates_option
+from jobs.cli.options import BatchSize, model_option, templates_option
 
 
 @click.command()
@@ -11,7 +11,8 @@ from jobs.cli.options import model_option, templates_option
 @model_option
 @click.option("--workers", type=click.IntRange(min=1), help="Number of workers (default: one per GPU; 1 CPU worker without GPUs).")
 @click.option("--shard-size", default=32, show_default=True, type=click.IntRange(min=1), help="Rows per shard (unit of work handed to a worker).")
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1, 64), help="Images of one shape per pipeline call.")
+@click.option("--batch-size", default="auto", show_default=True, type=BatchSize(),
+              help="Images of one shape per pipeline call; auto: what each worker's GPU memory fits (4 on CPU).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Job seed: rows without a `seed` get one derived from (job seed, id).")
 @click.option("--max-attempts", default=3, show_default=True, type=click.IntRange(1, 20), help="Attempts per row before it is marked failed.")
 @click.option("--overwrite", is_flag=True, help="Replace images already stored at the same keys.")

@@ -113,3 +113,11 @@ def test_the_readme_examples_are_valid(tmp_path):
     schedule = qwen_batch("schedule", "next", str(REPO / "examples" / "schedule.yaml"), "--count", "12")
     assert schedule.returncode == 0, schedule.stderr
     assert "daily-posters" in schedule.stdout and "weekly-travel-guides" in schedule.stdout
+
+
+def test_batch_size_is_auto_or_a_number(write_manifest, tmp_path):
+    result = qwen_batch("submit", write_manifest(tiny_rows(1)), "--output", str(tmp_path / "o"), "--model", "tiny",
+                        "--batch-size", "0")
+    assert result.returncode == 2
+    assert "Invalid value for '--batch-size': must be auto or a number from 1 to 64, got: 0" in result.stderr
+    assert not (tmp_path / "o").exists()

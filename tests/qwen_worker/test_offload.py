@@ -84,6 +84,7 @@ def test_a_24_gb_gpu_offloads_some_df11_blocks_and_pins_them():
         "the GPU each step, plus model CPU offload; host copies pinned",
         requested="auto",
         device="cuda",
+        free_vram_gb=24.0,
     )
     assert chosen.dfloat11_options() == {"cpu_offload": True, "cpu_offload_blocks": 18, "pin_memory": True}
     assert chosen.model_cpu_offload
@@ -190,6 +191,7 @@ def test_a_plan_serialises_for_job_json_and_logs_in_one_line():
     assert data == {
         "mode": "blocks", "cpu_offload_blocks": 18, "pin_memory": True, "expected_peak_vram_gb": 22.2,
         "host_ram_needed_gb": 52.03, "reason": chosen.reason, "requested": "auto", "device": "cuda", "label": "blocks:18",
+        "free_vram_gb": 24.0,
     }
     assert str(chosen) == chosen.describe() == (
         "offload blocks:18 on cuda: peak ~22.2 GB GPU memory, ~52.0 GB host RAM; " + chosen.reason
