@@ -19,6 +19,20 @@ def ledger_key(shard_index: int) -> str:
     return f"{LEDGER_PREFIX}shard-{shard_index:05d}.parquet"
 
 
+def outcome_columns() -> list:
+    """How a row went (name, Arrow type): shared by the ledger and results.parquet."""
+    import pyarrow as pa
+
+    return [
+        ("render_s", pa.float64()),
+        ("upload_s", pa.float64()),
+        ("attempts", pa.int32()),
+        ("rendered", pa.bool_()),
+        ("worker", pa.string()),
+        ("error", pa.string()),
+    ]
+
+
 def _schema():
     import pyarrow as pa
 
@@ -32,12 +46,7 @@ def _schema():
             ("keys", pa.list_(pa.string())),
             ("sha256", pa.list_(pa.string())),
             ("seed", pa.int64()),
-            ("render_s", pa.float64()),
-            ("upload_s", pa.float64()),
-            ("attempts", pa.int32()),
-            ("rendered", pa.bool_()),
-            ("worker", pa.string()),
-            ("error", pa.string()),
+            *outcome_columns(),
             ("user_error", pa.bool_()),
         ]
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 
+from jobs.ledger import outcome_columns
 from jobs.manifest import COLUMN_TYPES, READ_BATCH_ROWS, ResolveContext, open_parquet, resolve_row
 from jobs.plan import JobPlan
 from qwen_worker.presets import get_preset
@@ -34,12 +35,7 @@ def _result_schema():
         ("prompt", pa.string()),
         ("negative_prompt", pa.string()),
         ("template", pa.string()),
-        ("render_s", pa.float64()),
-        ("upload_s", pa.float64()),
-        ("attempts", pa.int32()),
-        ("rendered", pa.bool_()),
-        ("worker", pa.string()),
-        ("error", pa.string()),
+        *outcome_columns(),
     ]
 
 
@@ -59,7 +55,7 @@ def _record(row, result: RowResult | None, template: str | None) -> dict:
         "negative_prompt": row.negative_prompt,
         "template": template,
     }
-    for name in ("render_s", "upload_s", "attempts", "rendered", "worker", "error"):
+    for name, _type in outcome_columns():
         record[name] = getattr(result, name) if result else None
     return record
 

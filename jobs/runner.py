@@ -296,14 +296,15 @@ def _drive(plan, store, options, actors, fresh_work, states, progress, outcome, 
         in_flight[generator] = (actor, work, set())
 
     def unsettled(work: ShardWork, seen: set[int]) -> list[RenderRow]:
-        return [row for row in work.rows if row.row_index not in seen]
+        """Rows of `work` with no result from this copy and none from another (a straggler's)."""
+        return [r for r in work.rows if r.row_index not in seen and not is_settled(work.shard_index, r.row_index)]
 
     def speculate() -> bool:
         """Nothing left to hand out and a worker idle: give it a copy of the oldest in-flight shard's
         unsettled rows (once per shard). Rendering is deterministic and puts are conditional, so
         both copies write the same bytes once; the first result of each row wins."""
         for _actor, work, seen in list(in_flight.values()):
-            rows = [r for r in unsettled(work, seen) if not is_settled(work.shard_index, r.row_index)]
+            rows = unsettled(work, seen)
             if work.shard_index not in speculated and rows:
                 speculated.add(work.shard_index)
                 outcome.speculative += 1
