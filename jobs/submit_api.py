@@ -68,7 +68,7 @@ def prepare_job(
     )
     claimed = claim_job(store, plan, resume_anyway=resume_anyway, overwrite=overwrite)
     resumed = claimed is not plan
-    if not in_place and (not resumed or not store.exists(MANIFEST_COPY_KEY)):
+    if not in_place and store.stored_sha256(MANIFEST_COPY_KEY) != manifest_sha256:  # missing, or another job's
         with open(manifest, "rb") as f:
             store.put(MANIFEST_COPY_KEY, f.read())
     return PreparedJob(claimed, store, resumed)
