@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from qwen_worker.df11_codec import decode_weights, encode_weights  # noqa: E402
+from qwen_worker.df11.codec import decode_weights, encode_weights  # noqa: E402
 
 
 def _count(text: str) -> int:

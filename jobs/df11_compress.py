@@ -12,7 +12,7 @@ def compress_transformer_dir(transformer_dir: str, out_dir: str, *, max_shard_by
     import torch
     from safetensors.torch import load_file
 
-    from qwen_worker.df11_codec import DF11_SUFFIXES, compress_state_dict, save_df11
+    from qwen_worker.df11.codec import DF11_SUFFIXES, compress_state_dict, save_df11
 
     source = Path(transformer_dir)
     files = sorted(source.glob("*.safetensors"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 
 from qwen_worker.rows import RowResult, RowStatus
-from qwen_worker.store import Store
+from qwen_worker.stores import Store
 
 LEDGER_PREFIX = "_ledger/"
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from qwen_worker.errors import UserError
-from qwen_worker.store import Store
+from qwen_worker.stores import Store
 
 JOB_RECORD_KEY = "job.json"
 MANIFEST_COPY_KEY = "manifest.parquet"

@@ -28,7 +28,7 @@ from urllib.parse import quote
 from jobs.plan import JOB_RECORD_KEY, JobPlan
 from jobs.results import RESULTS_KEY
 from qwen_worker.errors import UserError
-from qwen_worker.store import Store
+from qwen_worker.stores import Store
 
 REPORT_KEY = "report.html"
 LINK_MODES = ("auto", "relative", "presigned")

@@ -13,7 +13,7 @@ from jobs.manifest import COLUMN_TYPES, READ_BATCH_ROWS, ResolveContext, open_pa
 from jobs.plan import JobPlan
 from qwen_worker.presets import get_preset
 from qwen_worker.rows import RowResult
-from qwen_worker.store import Store
+from qwen_worker.stores import Store
 
 RESULTS_KEY = "results.parquet"
 

@@ -20,7 +20,7 @@ from jobs.progress import ProgressBar, ProgressFile
 from qwen_worker.errors import QwenBatchError, UserError
 from qwen_worker.presets import get_preset
 from qwen_worker.rows import RenderRow, RowResult, RowStatus
-from qwen_worker.store import Store
+from qwen_worker.stores import Store
 
 
 @dataclass

@@ -48,7 +48,7 @@ class S3RangeFile(io.RawIOBase):
 def open_s3_input(uri: str) -> S3RangeFile:
     """A seekable reader for s3://bucket/key; UserError when it is missing or unreadable."""
     from qwen_worker.errors import UserError
-    from qwen_worker.s3store import S3Store, parse_s3_uri
+    from qwen_worker.stores.s3 import S3Store, parse_s3_uri
 
     bucket, key = parse_s3_uri(uri)
     if not key:

@@ -498,7 +498,7 @@ class Scheduler:
     `submit(run)` submits one run (returning None or an exit code; non-zero or an exception
     counts as a failed submit, recorded in the claim and not retried). `state_store` is any
     object with `put_new(key, data)` (create-if-absent), `put(key, data)` and `get(key)`
-    (KeyError when absent), like qwen_worker.store.Store. `clock()` returns an aware datetime;
+    (KeyError when absent), like qwen_worker.stores.Store. `clock()` returns an aware datetime;
     `sleep(seconds)` waits.
     """
 

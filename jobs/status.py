@@ -6,7 +6,7 @@ from jobs.ledger import count_by_status, read_ledger
 from jobs.plan import JOB_RECORD_KEY, JobPlan
 from qwen_worker.errors import UserError
 from qwen_worker.rows import RowStatus
-from qwen_worker.store import open_store
+from qwen_worker.stores import open_store
 
 
 def job_status(dest: str) -> dict:

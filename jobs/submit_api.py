@@ -16,7 +16,7 @@ from jobs.results import write_results
 from jobs.runner import JobOutcome, RunOptions, run_job
 from qwen_worker.errors import UserError
 from qwen_worker.presets import get_preset
-from qwen_worker.store import Store, open_store
+from qwen_worker.stores import Store, open_store
 
 DEFAULT_SHARD_SIZE = 32
 

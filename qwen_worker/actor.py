@@ -17,7 +17,7 @@ from qwen_worker.errors import QwenBatchError, UserError
 from qwen_worker.presets import get_preset
 from qwen_worker.render import ImageTask, is_fatal_cuda_error, micro_batches, render_splitting_on_oom
 from qwen_worker.rows import RenderRow, RowResult, RowStatus
-from qwen_worker.store import open_store, sha256_hex
+from qwen_worker.stores import open_store, sha256_hex
 
 
 class RenderWorker:

@@ -81,7 +81,7 @@ def load_real_pipeline(
     `offload`: auto|none|model|blocks:N (qwen_worker.offload); `images_per_call`: the largest
     micro-batch the worker will render (the plan sizes activations for it, at 1328x1328).
     `device`: "auto" (CUDA when visible; a preset that needs CUDA fails without it), "cuda", or
-    "cpu" (everything on the CPU in BF16; a DF11 transformer is decoded by qwen_worker.df11_codec:
+    "cpu" (everything on the CPU in BF16; a DF11 transformer is decoded by qwen_worker.df11.codec:
     slow, but needs neither a GPU nor the dfloat11 package). The chosen OffloadPlan is logged and
     kept on the pipeline as `pipe.qwen_batch_offload_plan`."""
     target = resolve_device(preset, device)
@@ -375,11 +375,11 @@ def check_df11_checkpoint(transformer, df11_dir: str | os.PathLike) -> tuple[dic
 
 def decode_df11_into(transformer, df11_dir: str | os.PathLike) -> None:
     """Fill `transformer` (from `empty_bf16_transformer`) with the DF11 checkpoint, decoded on the
-    CPU by qwen_worker.df11_codec, one unit at a time (host RAM: the BF16 model plus one unit)."""
+    CPU by qwen_worker.df11.codec, one unit at a time (host RAM: the BF16 model plus one unit)."""
     import torch
     from safetensors import safe_open
 
-    from qwen_worker.df11_codec import decompress_state_dict
+    from qwen_worker.df11.codec import decompress_state_dict
 
     df11_dir = Path(df11_dir)
     df11_config, units = check_df11_checkpoint(transformer, df11_dir)

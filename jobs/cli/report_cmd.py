@@ -26,7 +26,7 @@ import click
 def report(dest, link, expires, max_cards):
     """Write DEST/report.html: a self-contained gallery of the job's rows (from job.json + results.parquet)."""
     from jobs.report import DEFAULT_MAX_CARDS, write_report
-    from qwen_worker.store import open_store
+    from qwen_worker.stores import open_store
 
     store = open_store(dest)
     cards = DEFAULT_MAX_CARDS if max_cards is None else max_cards

@@ -64,7 +64,7 @@ def run_cmd(file, state, once):
 
     from jobs.schedule import Scheduler, check_submit_options, load_schedule, submit_planned_run
     from jobs.submit_api import submit_job
-    from qwen_worker.store import open_store
+    from qwen_worker.stores import open_store
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     plan = load_schedule(file)

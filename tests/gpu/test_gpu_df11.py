@@ -2,7 +2,7 @@
 Run them with tests/gpu/run_gpu_checks.sh, which installs the extra and prints the figures.
 
 1. The official dfloat11 loader and CUDA decoder read files written by our encoder
-   (qwen_worker.df11_codec) and produce the same weights, bit for bit, as our CPU decoder, on the
+   (qwen_worker.df11.codec) and produce the same weights, bit for bit, as our CPU decoder, on the
    tiny transformer and on one real-width Qwen-Image block (3072 hidden, 24 heads x 128, 340 M
    weights); a DF11 forward equals the BF16 forward, with and without block offload.
 2. The offload plan keeps a real-width 60-block transformer (random weights, DF11 by our encoder)
@@ -123,7 +123,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("cpu_offload", [False, True])
 def test_official_loader_reads_our_tiny_transformer_bit_for_bit(tmp_path, cpu_offload):
-    from qwen_worker.df11_codec import compress_state_dict, decompress_state_dict, load_df11_state_dict, save_df11
+    from qwen_worker.df11.codec import compress_state_dict, decompress_state_dict, load_df11_state_dict, save_df11
 
     DFloat11Model = dfloat11_model_class()
     original = random_bf16(TINY_CONFIG, seed=1)
@@ -160,7 +160,7 @@ def test_official_loader_reads_our_tiny_transformer_bit_for_bit(tmp_path, cpu_of
 def real_width(tmp_path_factory):
     """One real-width block with random weights, DF11 by our encoder: a 1-block checkpoint, and a
     60-block one whose blocks all hold that block's tensors (same sizes as Qwen-Image-DF11)."""
-    from qwen_worker.df11_codec import compress_state_dict, save_df11
+    from qwen_worker.df11.codec import compress_state_dict, save_df11
 
     root = tmp_path_factory.mktemp("real-width")
     one_config = {**QWEN_IMAGE_CONFIG, "num_layers": 1}
@@ -189,7 +189,7 @@ def real_width(tmp_path_factory):
 
 
 def test_official_decoder_matches_ours_on_a_real_width_block(real_width):
-    from qwen_worker.df11_codec import decompress_state_dict, load_df11_state_dict
+    from qwen_worker.df11.codec import decompress_state_dict, load_df11_state_dict
 
     DFloat11Model = dfloat11_model_class()
     model = empty_bf16({**QWEN_IMAGE_CONFIG, "num_layers": 1})
@@ -285,7 +285,7 @@ def test_load_real_pipeline_renders_on_the_gpu_with_dfloat11_as_bf16_does(tmp_pa
 
     import numpy as np
 
-    from qwen_worker.df11_codec import compress_state_dict, save_df11
+    from qwen_worker.df11.codec import compress_state_dict, save_df11
     from qwen_worker.presets import PRESETS
     from qwen_worker.real_model import load_real_pipeline
     from qwen_worker.tiny import build_tiny_pipeline

@@ -24,8 +24,8 @@ from jobs.report import REPORT_KEY, render_report, write_report
 from jobs.results import _result_schema
 from jobs.submit_api import submit_job
 from qwen_worker.errors import UserError
-from qwen_worker.s3store import S3Store
-from qwen_worker.store import LocalStore
+from qwen_worker.stores.s3 import S3Store
+from qwen_worker.stores import LocalStore
 
 CHROMIUM = "/usr/bin/chromium"
 NASTY_PROMPT = '<script>alert("x")</script> a "quoted" <b>poster</b> & \'single\' 香港 旅游 指南'

@@ -14,7 +14,7 @@ import pytest
 from helpers import tiny_rows
 from jobs.status import job_status
 from jobs.submit_api import submit_job
-from qwen_worker.s3store import S3Store
+from qwen_worker.stores.s3 import S3Store
 
 
 def run(manifest, output, **options):

@@ -27,7 +27,7 @@ from jobs.schedule import (
     state_key,
     submit_planned_run,
 )
-from qwen_worker.store import LocalStore
+from qwen_worker.stores import LocalStore
 
 UTC = timezone.utc
 

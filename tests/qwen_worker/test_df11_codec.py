@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_worker.df11_codec import (
+from qwen_worker.df11.codec import (
     DEFAULT_QWEN_IMAGE_PATTERN,
     DF11_SUFFIXES,
     DF11FormatError,

@@ -21,7 +21,7 @@ from qwen_worker.real_model import (
     resolve_model_files,
 )
 
-HAS_CODEC = importlib.util.find_spec("qwen_worker.df11_codec") is not None
+HAS_CODEC = importlib.util.find_spec("qwen_worker.df11.codec") is not None
 needs_codec = pytest.mark.skipif(not HAS_CODEC, reason="qwen_worker/df11_codec.py is not there yet")
 
 # presets of the tiny pipeline's files on disk (footprint None: no memory figures to check)
@@ -47,7 +47,7 @@ def saved(tiny_bf16, tmp_path_factory):
 @pytest.fixture(scope="module")
 def saved_df11(tiny_bf16, saved, tmp_path_factory):
     """A pipeline directory without transformer weights, with the transformer in DF11 under df11/."""
-    from qwen_worker.df11_codec import compress_state_dict, save_df11
+    from qwen_worker.df11.codec import compress_state_dict, save_df11
 
     path = tmp_path_factory.mktemp("tiny-df11") / "pipeline"
     shutil.copytree(saved, path)
@@ -223,7 +223,7 @@ def test_df11_dir_may_be_a_second_directory(saved_df11, no_hub):
 
 @needs_codec
 def test_a_df11_checkpoint_that_does_not_fit_the_transformer_is_refused(tiny_bf16, saved, tmp_path):
-    from qwen_worker.df11_codec import compress_state_dict, save_df11
+    from qwen_worker.df11.codec import compress_state_dict, save_df11
 
     state = dict(tiny_bf16.transformer.state_dict())
     del state["norm_out.linear.bias"]
@@ -238,7 +238,7 @@ def test_a_df11_checkpoint_that_does_not_fit_the_transformer_is_refused(tiny_bf1
 
 @needs_codec
 def test_extra_tensors_in_a_df11_checkpoint_are_ignored_with_a_warning(tiny_bf16, saved, tmp_path, caplog):
-    from qwen_worker.df11_codec import compress_state_dict, save_df11
+    from qwen_worker.df11.codec import compress_state_dict, save_df11
     from qwen_worker.real_model import decode_df11_into
 
     state = dict(tiny_bf16.transformer.state_dict())

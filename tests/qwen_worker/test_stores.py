@@ -8,8 +8,8 @@ import urllib.request
 import pytest
 
 from qwen_worker.errors import ObjectExistsError, StorageError, UserError
-from qwen_worker.s3store import S3Store
-from qwen_worker.store import LocalStore, PutOutcome, sha256_hex
+from qwen_worker.stores.s3 import S3Store
+from qwen_worker.stores import LocalStore, PutOutcome, sha256_hex
 
 FAST = dict(backoff_base=0.01, backoff_cap=0.05)  # our retries, without the waiting
 

@@ -22,7 +22,7 @@ from typing import Callable, TypeVar
 from urllib.parse import urlsplit
 
 from qwen_worker.errors import StorageError, UserError
-from qwen_worker.store import PutOutcome, Store, sha256_hex
+from qwen_worker.stores.base import PutOutcome, Store, sha256_hex
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
