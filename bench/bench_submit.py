@@ -196,7 +196,7 @@ def main() -> None:
         print(f"tiny model, {args.rows} rows, {args.size}x{args.size}, {args.steps} steps, batch {args.batch_size}, CPU")
         bare = bare_loop(manifest, tmp / "bare", args.batch_size)
         server = start_s3(tmp) if args.s3 else None
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         try:
             rate, startup = submit_rate(manifest, str(tmp / "local"), args.rows, args.batch_size)
             print(f"  bare loop (pipeline + PNG files): {bare:7.1f} rows/s")

@@ -47,7 +47,7 @@ def _schema():
             ("sha256", pa.list_(pa.string())),
             ("seed", pa.int64()),
             *outcome_columns(),
-            ("user_error", pa.bool_()),
+            ("error_kind", pa.string()),
         ]
     )
 

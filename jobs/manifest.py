@@ -234,14 +234,15 @@ def _arrow_family(arrow_type) -> str:
     return str(arrow_type)
 
 
-def open_parquet(source: str):
-    """A pyarrow ParquetFile for a local path or s3:// URI (read by range, never whole)."""
+def open_parquet(source: str, *, version: str | None = None):
+    """A pyarrow ParquetFile for a local path or s3:// URI (read by range, never whole; pinned to
+    ETag `version` when given)."""
     import pyarrow.parquet as pq
 
     if source.startswith("s3://"):
         from jobs.s3_files import open_s3_input
 
-        return pq.ParquetFile(open_s3_input(source))
+        return pq.ParquetFile(open_s3_input(source, version=version))
     try:
         return pq.ParquetFile(source)
     except FileNotFoundError:

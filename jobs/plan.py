@@ -11,11 +11,17 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-from qwen_worker.errors import UserError
+from qwen_worker.errors import SystemError_, UserError
 from qwen_worker.stores import Store
 
 JOB_RECORD_KEY = "job.json"
-MANIFEST_COPY_KEY = "manifest.parquet"
+MANIFEST_COPY_PREFIX = "manifests/"
+
+
+def manifest_copy_key(manifest_sha256: str) -> str:
+    """Where the output keeps its copy of a local manifest: named by its sha256, so a copy is
+    never replaced by another manifest's and can be checked before it is read."""
+    return f"{MANIFEST_COPY_PREFIX}{manifest_sha256}.parquet"
 
 
 @dataclass
@@ -33,6 +39,7 @@ class JobPlan:
     versions: dict = field(default_factory=dict)
     created: str = ""
     replaces: str | None = None
+    manifest_version: str | None = None  # an s3:// manifest's ETag: every read is pinned to it
 
     @property
     def shard_count(self) -> int:
@@ -88,32 +95,65 @@ def versions() -> dict:
 
 
 def claim_job(store: Store, plan: JobPlan, *, resume_anyway: bool, overwrite: bool) -> JobPlan:
-    """Write job.json for a new job, or return the stored plan of the same job (a resume).
+    """Claim the output for `plan` with a conditional put of job.json, or return the stored plan
+    of the same job (a resume). A different job already in the output is refused unless the user
+    says so explicitly; two claims at once never both win."""
+    for _ in range(5):
+        try:
+            data, version = store.get_versioned(JOB_RECORD_KEY)
+        except KeyError:
+            if store.put_versioned(JOB_RECORD_KEY, plan.to_json(), expected=None):
+                return plan
+            continue  # someone claimed it just now: look at what they wrote
+        stored = JobPlan.from_json(data)
+        if stored.job_id == plan.job_id:
+            return stored
+        if not (resume_anyway or overwrite):
+            raise UserError(
+                f"output {store.uri} already holds job {stored.job_id} (manifest sha256 "
+                f"{stored.manifest_sha256[:12]}…, model {stored.model}, seed {stored.seed}); this submit is job "
+                f"{plan.job_id} (manifest sha256 {plan.manifest_sha256[:12]}…, model {plan.model}, seed {plan.seed}). "
+                "Use another output, or pass --resume-anyway to keep the images stored there "
+                "or --overwrite to re-render and replace them"
+            )
+        plan.replaces = stored.job_id
+        if resume_anyway:
+            plan.options["existing"] = "any"  # keep the images stored there, on this run and resumes
+        if store.put_versioned(JOB_RECORD_KEY, plan.to_json(), expected=version):
+            return plan
+    raise SystemError_(f"could not claim {store.uri}: job.json keeps changing under us (another submit?)")
 
-    A different job already in the output is refused unless the user says so explicitly.
-    """
-    try:
-        stored = JobPlan.from_json(store.get(JOB_RECORD_KEY))
-    except KeyError:
-        stored = None
-    if stored is None:
-        store.put(JOB_RECORD_KEY, plan.to_json())
-        return plan
-    if stored.job_id == plan.job_id:
-        return stored
-    if not (resume_anyway or overwrite):
-        raise UserError(
-            f"output {store.uri} already holds job {stored.job_id} (manifest sha256 "
-            f"{stored.manifest_sha256[:12]}…, model {stored.model}, seed {stored.seed}); this submit is job "
-            f"{plan.job_id} (manifest sha256 {plan.manifest_sha256[:12]}…, model {plan.model}, seed {plan.seed}). "
-            "Use another output, or pass --resume-anyway to keep the images stored there "
-            "or --overwrite to re-render and replace them"
-        )
-    plan.replaces = stored.job_id
-    if resume_anyway:
-        plan.options["existing"] = "any"  # keep the images stored there, on this run and resumes
-    store.put(JOB_RECORD_KEY, plan.to_json())
-    return plan
+
+def open_job_manifest(plan: JobPlan, store: Store):
+    """The job's manifest as a ParquetFile, checked first: the output's copy must still have the
+    job's sha256; an s3:// manifest read in place is pinned to the version the job started with."""
+    from jobs.manifest import open_parquet
+
+    copy_key = manifest_copy_key(plan.manifest_sha256)
+    if plan.manifest.rstrip("/") == f"{store.uri.rstrip('/')}/{copy_key}":
+        stored = store.stored_sha256(copy_key)
+        if stored != plan.manifest_sha256:
+            what = "is missing" if stored is None else f"has sha256 {stored[:12]}…"
+            raise SystemError_(
+                f"the job's manifest copy {plan.manifest} {what}, the job needs {plan.manifest_sha256[:12]}…: "
+                "submit the original manifest again to restore it"
+            )
+    return open_parquet(plan.manifest, version=plan.manifest_version)
+
+
+def update_job_record(store: Store, plan: JobPlan, *, tries: int = 5) -> bool:
+    """Rewrite job.json with `plan` (e.g. its workers), unless the output now holds another job:
+    a newer claim is never overwritten. True when written."""
+    for _ in range(tries):
+        try:
+            data, version = store.get_versioned(JOB_RECORD_KEY)
+        except KeyError:
+            return False
+        if JobPlan.from_json(data).job_id != plan.job_id:
+            return False
+        if store.put_versioned(JOB_RECORD_KEY, plan.to_json(), expected=version):
+            return True
+    return False
 
 
 def now_utc() -> str:

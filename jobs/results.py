@@ -9,8 +9,8 @@ from __future__ import annotations
 import io
 
 from jobs.ledger import outcome_columns
-from jobs.manifest import COLUMN_TYPES, READ_BATCH_ROWS, ResolveContext, open_parquet, resolve_row
-from jobs.plan import JobPlan
+from jobs.manifest import COLUMN_TYPES, READ_BATCH_ROWS, ResolveContext, resolve_row
+from jobs.plan import JobPlan, open_job_manifest
 from qwen_worker.presets import get_preset
 from qwen_worker.rows import RowResult
 from qwen_worker.stores import Store
@@ -64,7 +64,7 @@ def write_results(store: Store, plan: JobPlan, ledger: dict[int, RowResult], tem
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parquet_file = open_parquet(plan.manifest)
+    parquet_file = open_job_manifest(plan, store)
     names = parquet_file.schema_arrow.names
     passthrough = [name for name in names if name not in COLUMN_TYPES]
     ours = _result_schema()

@@ -1,9 +1,13 @@
 """The driver: start RenderWorker actors on Ray and feed them shards until every row settles.
 
-Pull scheduling: an idle actor takes the next shard, so slow shapes never stall fast ones. Each
-actor streams back the results of every micro-batch; rows whose actor died (or that failed for a
-system reason) go back to the queue with backoff, bounded by `max_attempts` per row. A shard's
-ledger file is written once all its rows have settled.
+Pull scheduling: an idle, ready actor takes the next shard, so slow shapes never stall fast ones.
+Each actor streams back the results of every micro-batch. What happens to a row that did not
+succeed depends on its failure kind (qwen_worker.failures): a row error fails it; a worker error
+sends it to another worker without using up an attempt (and counts against the worker, which is
+quarantined after a few in a row); a transient error or a lost actor retries it with backoff,
+bounded by `max_attempts`. The first success settles a row; a failure settles it only once no other
+copy of it (a straggler's, a retry) can still succeed, and never when its image is stored with this
+job's provenance. A shard's ledger file is written once all its rows have settled.
 """
 
 from __future__ import annotations
@@ -11,16 +15,19 @@ from __future__ import annotations
 import collections
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from jobs.ledger import read_ledger, write_shard_ledger
-from jobs.manifest import ResolveContext, iter_raw_rows, open_parquet, resolve_row
-from jobs.plan import JobPlan
+from jobs.manifest import ResolveContext, iter_raw_rows, resolve_row
+from jobs.plan import JobPlan, open_job_manifest
+from jobs.pool import BUSY, IDLE, LOST, NOT_READY, QUARANTINED, RECOVERING, STARTING, WorkerSlot, record_workers, start_workers
 from jobs.progress import ProgressBar, ProgressFile
-from qwen_worker.errors import QwenBatchError, UserError
+from qwen_worker.errors import QwenBatchError
+from qwen_worker.failures import ErrorKind
 from qwen_worker.presets import get_preset
+from qwen_worker.provenance import image_provenance, stored_own_image
 from qwen_worker.rows import RenderRow, RowResult, RowStatus
-from qwen_worker.stores import Store
+from qwen_worker.stores import Store, sha256_hex
 
 
 @dataclass
@@ -37,6 +44,9 @@ class RunOptions:
     template_dirs: tuple[str, ...] = ()
     speculate: bool = True  # re-dispatch the last in-flight shards to idle workers
     new_output: bool = False  # the job was just created in its output: no stored image can be ours
+    quarantine_after: int = 3  # worker errors in a row that quarantine a worker
+    ready_timeout_s: float = 1800.0  # no worker ready by then: the job stops (exit 4)
+    echo: Callable[[str], None] = field(default=lambda _text: None, repr=False)
 
 
 @dataclass
@@ -50,6 +60,9 @@ class JobOutcome:
     skipped: int  # rows already done before this run started
     failed_ids: list[str] = field(default_factory=list)
     speculative: int = 0  # straggler shards also handed to an idle worker
+    not_ready: list[str] = field(default_factory=list)  # workers that failed readiness (one line each)
+    quarantined: list[str] = field(default_factory=list)
+    recovered: int = 0  # rows reported failed by a copy but found stored with this job's provenance
 
     @property
     def exit_code(self) -> int:
@@ -62,14 +75,19 @@ class ShardWork:
     rows: list[RenderRow]
     attempt: int = 1
     ready_at: float = 0.0
+    look_first: bool = False  # a retry or a second copy: check the store before rendering
+    avoid: frozenset = frozenset()  # workers whose worker error sent these rows back
 
 
 class _ShardState:
-    """Results of one shard so far; complete when every row has a final result."""
+    """One shard's rows so far: final results, live copies per row (queued or in flight), and
+    failures waiting for another copy of their row to finish."""
 
     def __init__(self, expected: set[int], results: dict[int, RowResult]):
         self.expected = expected
         self.results = results
+        self.copies: collections.Counter[int] = collections.Counter()
+        self.tentative: dict[int, tuple[RenderRow, RowResult]] = {}
 
     @property
     def complete(self) -> bool:
@@ -86,88 +104,12 @@ def connect_ray(address: str | None = None) -> bool:
     if address:
         ray.init(address=address, logging_level="WARNING", log_to_driver=True)
     else:
-        ray.init(logging_level="WARNING", include_dashboard=True, dashboard_host="127.0.0.1")
+        ray.init(address="local", logging_level="WARNING", include_dashboard=True, dashboard_host="127.0.0.1")
     return True
 
 
-def cluster_gpus() -> int:
-    import ray
-
-    return int(ray.cluster_resources().get("GPU", 0))
-
-
-def worker_pool(preset, gpus: int, *, workers: int | None, device: str = "auto") -> tuple[int, dict]:
-    """How many RenderWorker actors to start and what each asks Ray for: one GPU each (capped by
-    --workers) plus the host RAM the preset needs, or --workers CPU actors (default 1)."""
-    use_gpus = preset.needs_cuda and device != "cpu"
-    if use_gpus and gpus == 0:
-        raise UserError(
-            f"model {preset.name!r} needs GPUs and this Ray cluster has none "
-            "(point --address at a GPU cluster, use --device cpu to render on CPUs very slowly, "
-            "or --model tiny to try the pipeline)"
-        )
-    count = min(workers or gpus, gpus) if use_gpus else (workers or 1)
-    resources = {"num_gpus": 1, "num_cpus": 1} if use_gpus else {"num_cpus": 1}
-    if preset.host_memory_gb >= 4:
-        resources["memory"] = int(preset.host_memory_gb * 1024**3)
-    return count, resources
-
-
-def start_workers(plan: JobPlan, options: RunOptions, store: Store) -> list:
-    """One RenderWorker actor per GPU (capped by --workers), or --workers CPU actors (default 1)."""
-    import ray
-
-    from qwen_worker.actor import RenderWorker
-
-    count, resources = worker_pool(get_preset(plan.model), cluster_gpus(), workers=options.workers, device=options.device)
-    remote_class = ray.remote(RenderWorker)
-    actors = []
-    for n in range(count):
-        name = f"qwen-worker-{plan.job_id}-{n}"
-        actors.append(
-            remote_class.options(name=name, max_restarts=3, max_task_retries=0, **resources).remote(
-                model=plan.model,
-                output_uri=plan.output,
-                overwrite=options.overwrite,
-                model_dir=options.model_dir,
-                offload=options.offload,
-                name=name,
-                manifest_sha256=plan.manifest_sha256,
-                existing="replace" if options.overwrite else plan.options.get("existing", "ours"),
-                store_options=store.worker_options(),
-                job_id=plan.job_id,
-                device=options.device,
-                images_per_call=options.batch_size or 4,  # the offload plan is sized for this
-                check_stored=not options.new_output,
-            )
-        )
-    return actors
-
-
-def record_workers(store: Store, plan: JobPlan, actors: list, timeout_s: float = 5.0) -> None:
-    """Add each live worker's name, model load time and offload plan to job.json (plans differ per
-    machine: free VRAM and host RAM decide them)."""
-    import ray
-
-    from jobs.plan import JOB_RECORD_KEY
-
-    refs = [actor.ping.remote() for actor in actors]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    workers = []
-    for ref in ready:
-        try:
-            info = ray.get(ref)
-        except Exception:  # a dead worker has nothing to report
-            continue
-        workers.append({"name": info["name"], "load_s": round(info["load_s"], 2), "offload_plan": info["offload_plan"]})
-    plan.options["workers"] = sorted(workers, key=lambda w: w["name"])
-    try:
-        store.put(JOB_RECORD_KEY, plan.to_json())
-    except Exception:  # bookkeeping only: never turn a finished job into a failure
-        pass
-
-
-def plan_work(plan: JobPlan, context: ResolveContext, ledger: dict[int, RowResult], states: dict) -> Iterator[ShardWork]:
+def plan_work(plan: JobPlan, context: ResolveContext, ledger: dict[int, RowResult], states: dict,
+              parquet_file) -> Iterator[ShardWork]:
     """Shards with their rows not yet done, streaming the manifest once."""
     shard_rows: list[RenderRow] = []
     current = 0
@@ -180,7 +122,6 @@ def plan_work(plan: JobPlan, context: ResolveContext, ledger: dict[int, RowResul
         states[shard_index] = _ShardState(set(range(start, stop)), known)
         return ShardWork(shard_index, rows)
 
-    parquet_file = open_parquet(plan.manifest)
     for index, raw in iter_raw_rows(parquet_file):
         shard_index = plan.shard_of_row(index)
         if shard_index != current:
@@ -209,177 +150,364 @@ def run_job(plan: JobPlan, store: Store, options: RunOptions, *, address: str | 
         progress.close()
         return outcome
 
+    parquet_file = open_job_manifest(plan, store)
     owns_ray = connect_ray(address)
     progress_file = ProgressFile(store, plan.job_id, progress)
-    actors: list = []
+    slots: list[WorkerSlot] = []
     state = "failed"
     try:
-        actors = start_workers(plan, options, store)
+        slots = start_workers(plan, options, store)
         progress_file.write(force=True)
         from qwen_worker.metrics import DriverMetrics
 
         metrics = DriverMetrics(plan.job_id)
         if already_done:
             metrics.skipped.inc(already_done, metrics.tags)
-        _drive(plan, store, options, actors, plan_work(plan, context, ledger, states := {}), states, progress, outcome,
-               progress_file, metrics)
+        states: dict[int, _ShardState] = {}
+        driver = _Driver(plan, store, options, slots, plan_work(plan, context, ledger, states, parquet_file), states, progress,
+                         outcome, progress_file, metrics)
+        driver.run()
         state = "finished"
     finally:
-        if actors:
+        if slots:
             progress_file.write(state, force=True)
-            record_workers(store, plan, actors)
-        for actor in actors:
-            ray.kill(actor)
+            record_workers(store, plan, slots)
+        for slot in slots:
+            ray.kill(slot.actor, no_restart=True)
         if owns_ray:
             ray.shutdown()
     progress.close()
     return outcome
 
 
-def _drive(plan, store, options, actors, fresh_work, states, progress, outcome, progress_file, metrics) -> None:
-    import ray
+class _Driver:
+    """The dispatch loop of one run (see the module docstring)."""
 
-    retry_queue: collections.deque[ShardWork] = collections.deque()
-    idle = list(actors)
-    in_flight: dict = {}  # generator -> (actor, ShardWork, settled row indices)
-    speculated: set[int] = set()  # shards also handed to a second worker (stragglers)
+    def __init__(self, plan, store, options: RunOptions, slots, fresh_work, states, progress, outcome, progress_file,
+                 metrics):
+        self.plan, self.store, self.options, self.slots = plan, store, options, slots
+        self.fresh_work, self.states, self.progress, self.outcome = fresh_work, states, progress, outcome
+        self.progress_file, self.metrics = progress_file, metrics
+        self.retry_queue: collections.deque[ShardWork] = collections.deque()
+        self.in_flight: dict = {}  # stream -> (slot, ShardWork, row indices this copy reported)
+        self.waiting: dict = {}  # ready() ref -> slot (starting, or restarted by Ray)
+        self.speculated: set[int] = set()
+        self.manifest_read = False
+        self.started = time.monotonic()
+        self.ever_ready = False
+        for slot in slots:
+            self.waiting[slot.actor.ready.remote()] = slot
 
-    manifest_read = False  # every shard of the manifest has been handed out once
+    # ------------------------------------------------------------------ the loop
 
-    def next_work() -> ShardWork | None:
-        nonlocal manifest_read
+    def run(self) -> None:
+        import ray
+
+        while True:
+            self.dispatch_idle()
+            self.metrics.in_flight.set(sum(len(w.rows) - len(seen) for _s, w, seen in self.in_flight.values()),
+                                       self.metrics.tags)
+            self.progress_file.write()
+            if self.manifest_read and not self.states and not self.retry_queue:
+                return  # every row has settled (a straggler's slower copy may still run: it is killed)
+            self.check_workers_left()
+            refs = list(self.in_flight) + list(self.waiting)
+            if not refs:
+                time.sleep(0.05)  # what is left is waiting out its backoff
+                continue
+            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            for ref in ready:
+                if ref in self.waiting:
+                    self.on_ready_answer(ref)
+                else:
+                    self.on_stream_item(ref)
+
+    def idle_slots(self) -> list[WorkerSlot]:
+        return [slot for slot in self.slots if slot.state == IDLE]
+
+    def dispatch_idle(self) -> None:
+        for slot in self.idle_slots():
+            work = self.next_work(slot)
+            if work is None:
+                if not self.retry_queue and self.options.speculate:
+                    self.speculate(slot)
+                continue
+            self.dispatch(slot, work)
+
+    def next_work(self, slot: WorkerSlot) -> ShardWork | None:
+        """A retry whose backoff is over (rows a worker error sent back go to another worker when
+        there is one), else the next fresh shard."""
         now = time.monotonic()
-        for _ in range(len(retry_queue)):
-            work = retry_queue.popleft()
-            if work.ready_at <= now:
+        usable = {s.name for s in self.slots if s.state in (STARTING, IDLE, BUSY, RECOVERING)}
+        for _ in range(len(self.retry_queue)):
+            work = self.retry_queue.popleft()
+            if work.ready_at <= now and (slot.name not in work.avoid or usable <= work.avoid):
                 return work
-            retry_queue.append(work)
-        work = next(fresh_work, None)
-        manifest_read = work is None
+            self.retry_queue.append(work)
+        if self.manifest_read:
+            return None
+        work = next(self.fresh_work, None)
+        if work is None:
+            self.manifest_read = True
+        else:
+            self.add_copies(work)
         return work
 
-    def is_settled(shard_index: int, row_index: int) -> bool:
-        state = states.get(shard_index)
+    def add_copies(self, work: ShardWork) -> None:
+        state = self.states[work.shard_index]
+        for row in work.rows:
+            state.copies[row.row_index] += 1
+
+    def dispatch(self, slot: WorkerSlot, work: ShardWork) -> None:
+        stream = slot.actor.render_shard.options(num_returns="streaming").remote(
+            work.rows, self.options.batch_size, work.look_first)
+        slot.state = BUSY
+        self.in_flight[stream] = (slot, work, set())
+
+    def speculate(self, slot: WorkerSlot) -> None:
+        """Nothing left to hand out and a worker idle: give it a copy of the oldest in-flight
+        shard's unsettled rows (once per shard). The copy looks at the store first and keeps an
+        image of this row stored by the other copy; the first success of each row wins."""
+        for _slot, work, seen in list(self.in_flight.values()):
+            rows = self.unsettled(work, seen)
+            if work.shard_index not in self.speculated and rows:
+                self.speculated.add(work.shard_index)
+                self.outcome.speculative += 1
+                copy = ShardWork(work.shard_index, rows, work.attempt, look_first=True)
+                self.add_copies(copy)
+                self.dispatch(slot, copy)
+                return
+
+    # ------------------------------------------------------------------ workers
+
+    def on_ready_answer(self, ref) -> None:
+        import ray
+
+        slot = self.waiting.pop(ref)
+        try:
+            info = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            if slot.state == STARTING:
+                self.not_ready(slot, f"the worker process died while starting: {_first_line(exc)}")
+            elif isinstance(exc, ray.exceptions.ActorDiedError):  # restarts used up
+                slot.state, slot.problem = LOST, _first_line(exc)
+            else:  # restarting (after a fatal CUDA error, a node loss): ask again
+                time.sleep(0.2)
+                self.waiting[slot.actor.ready.remote()] = slot
+            return
+        except Exception as exc:
+            self.not_ready(slot, _first_line(exc))
+            return
+        slot.info, slot.node_ip = info, info.get("node_ip", "")
+        if not info["ready"]:
+            self.not_ready(slot, info["problem"])
+            return
+        slot.state, slot.problem = IDLE, ""
+        self.ever_ready = True
+
+    def not_ready(self, slot: WorkerSlot, problem: str) -> None:
+        import ray
+
+        slot.state, slot.problem = NOT_READY, problem
+        line = f"{slot.where} is not ready and gets no work: {problem}"
+        self.outcome.not_ready.append(line)
+        self.options.echo(line)
+        ray.kill(slot.actor, no_restart=True)
+        record_workers(self.store, self.plan, self.slots)
+
+    def quarantine(self, slot: WorkerSlot, last_error: str) -> None:
+        import ray
+
+        slot.state = QUARANTINED
+        slot.problem = f"{slot.worker_errors_in_a_row} worker errors in a row, the last: {last_error}"
+        line = f"{slot.where} is quarantined for the rest of the job: {slot.problem}"
+        self.outcome.quarantined.append(line)
+        self.options.echo(line)
+        for stream, (owner, work, seen) in list(self.in_flight.items()):
+            if owner is slot:  # its unfinished rows go to other workers, at no cost to their attempts
+                del self.in_flight[stream]
+                self.requeue(work, self.unsettled_copy_rows(work, seen), consume_attempt=False, avoid=slot)
+        ray.kill(slot.actor, no_restart=True)
+        record_workers(self.store, self.plan, self.slots)
+
+    def check_workers_left(self) -> None:
+        usable = [s for s in self.slots if s.state in (STARTING, IDLE, BUSY, RECOVERING)]
+        if usable:
+            if not self.ever_ready and time.monotonic() - self.started > self.options.ready_timeout_s:
+                raise QwenBatchError(
+                    f"no worker became ready within {self.options.ready_timeout_s:.0f} s "
+                    f"({len(usable)} still starting: the cluster may lack the resources they ask for)")
+            return
+        problems = "; ".join(f"{s.where}: {s.state}" + (f" ({s.problem})" if s.problem else "") for s in self.slots)
+        if not self.ever_ready:
+            raise QwenBatchError(f"no worker is ready, nothing was rendered: {problems}")
+        raise QwenBatchError(f"no worker left; stored rows are kept, run the same submit again to resume: {problems}")
+
+    # ------------------------------------------------------------------ results
+
+    def on_stream_item(self, stream) -> None:
+        import ray
+
+        slot, work, seen = self.in_flight[stream]
+        try:
+            results = ray.get(next(stream))
+        except StopIteration:  # the shard is finished on this actor
+            del self.in_flight[stream]
+            self.release(slot)
+            return
+        except ray.exceptions.ActorDiedError as exc:  # gone for good (restarts used up, node lost)
+            del self.in_flight[stream]
+            slot.state = LOST
+            slot.problem = _first_line(exc)
+            self.requeue(work, self.unsettled_copy_rows(work, seen), error=f"worker lost: {_first_line(exc)}")
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            del self.in_flight[stream]  # Ray is restarting it: only its unfinished rows go back
+            self.requeue(work, self.unsettled_copy_rows(work, seen), error=f"worker lost: {_first_line(exc)}")
+            slot.state = RECOVERING
+            self.waiting[slot.actor.ready.remote()] = slot
+            return
+        except ray.exceptions.RayTaskError as exc:  # the shard call itself raised
+            del self.in_flight[stream]
+            cause = exc.cause if exc.cause is not None else exc
+            from qwen_worker.failures import classify, describe
+
+            kind = classify(cause)
+            rows = self.unsettled_copy_rows(work, seen)
+            if kind is ErrorKind.WORKER:
+                slot.worker_errors_in_a_row += 1
+                self.requeue(work, rows, consume_attempt=False, avoid=slot)
+                self.after_worker_error(slot, describe(cause))
+            else:
+                self.requeue(work, rows, error=describe(cause))
+                self.release(slot)
+            return
+        self.on_results(slot, work, seen, results)
+
+    def release(self, slot: WorkerSlot) -> None:
+        if slot.state == BUSY:
+            slot.state = IDLE
+
+    def after_worker_error(self, slot: WorkerSlot, error: str) -> None:
+        if slot.worker_errors_in_a_row >= self.options.quarantine_after and slot.state not in (QUARANTINED, LOST):
+            self.quarantine(slot, error)
+        else:
+            self.release(slot)
+
+    def on_results(self, slot: WorkerSlot, work: ShardWork, seen: set[int], results: list[RowResult]) -> None:
+        rows = {row.row_index: row for row in work.rows}
+        worker_error = None
+        for result in results:
+            seen.add(result.row_index)
+            state = self.states.get(work.shard_index)
+            if state is not None:
+                state.copies[result.row_index] -= 1
+            row = rows[result.row_index]
+            if result.status is RowStatus.DONE:
+                self.settle(work, row, result)
+                slot.worker_errors_in_a_row = 0
+            elif result.error_kind == ErrorKind.WORKER.value:
+                worker_error = result.error
+                self.requeue(work, [row], consume_attempt=False, avoid=slot)
+            elif result.error_kind == ErrorKind.ROW.value:
+                self.fail_when_no_other_copy(work, row, result)
+            else:
+                self.requeue(work, [row], error=result.error, failed=result)
+        if worker_error is not None:
+            slot.worker_errors_in_a_row += 1
+            if slot.worker_errors_in_a_row >= self.options.quarantine_after:
+                self.quarantine(slot, worker_error)
+
+    def is_settled(self, shard_index: int, row_index: int) -> bool:
+        state = self.states.get(shard_index)
         return state is None or row_index in state.results
 
-    def settle(work: ShardWork, result: RowResult) -> None:
-        if is_settled(work.shard_index, result.row_index):
-            return  # a straggler's copy already settled this row: the first result wins
-        result.attempts = work.attempt
-        state = states[work.shard_index]
-        state.results[result.row_index] = result
-        if result.status is RowStatus.DONE:
-            outcome.done += 1
-            outcome.rendered += int(result.rendered)
-            progress.update(done=1)
-        else:
-            outcome.failed += 1
-            outcome.failed_ids.append(result.id)
-            progress.update(failed=1)
-        if state.complete:
-            write_shard_ledger(store, plan.job_id, work.shard_index, list(state.results.values()))
-            del states[work.shard_index]
+    def unsettled(self, work: ShardWork, seen: set[int]) -> list[RenderRow]:
+        """Rows of `work` with no result from this copy and none from another (a straggler's)."""
+        return [r for r in work.rows if r.row_index not in seen and not self.is_settled(work.shard_index, r.row_index)]
 
-    def retry_or_fail(work: ShardWork, rows: list[RenderRow], error: str) -> None:
-        rows = [row for row in rows if not is_settled(work.shard_index, row.row_index)]
+    def unsettled_copy_rows(self, work: ShardWork, seen: set[int]) -> list[RenderRow]:
+        """The rows this copy never reported, which it now never will (its copies end here)."""
+        state = self.states.get(work.shard_index)
+        rows = [r for r in work.rows if r.row_index not in seen]
+        if state is not None:
+            for row in rows:
+                state.copies[row.row_index] -= 1
+        return [r for r in rows if not self.is_settled(work.shard_index, r.row_index)]
+
+    def requeue(self, work: ShardWork, rows: list[RenderRow], *, error: str = "", consume_attempt: bool = True,
+                failed: RowResult | None = None, avoid: WorkerSlot | None = None) -> None:
+        """Give `rows` another copy: at once and at no cost to their attempts after a worker error,
+        else after a backoff, while attempts remain (a row out of attempts fails)."""
+        rows = [row for row in rows if not self.is_settled(work.shard_index, row.row_index)]
         if not rows:
             return
-        if work.attempt >= options.max_attempts:
+        if consume_attempt and work.attempt >= self.options.max_attempts:
             for row in rows:
-                settle(work, _failed(row, f"gave up after {work.attempt} attempts: {error}"))
+                result = failed if failed is not None and failed.row_index == row.row_index else _failed(row, "")
+                result.error = f"gave up after {work.attempt} attempts: {error or result.error}"
+                self.fail_when_no_other_copy(work, row, result)
             return
-        delay = options.retry_backoff_s * (2 ** (work.attempt - 1))
-        retry_queue.append(ShardWork(work.shard_index, rows, work.attempt + 1, time.monotonic() + delay))
+        attempt = work.attempt + 1 if consume_attempt else work.attempt
+        delay = self.options.retry_backoff_s * (2 ** (work.attempt - 1)) if consume_attempt else 0.0
+        avoided = work.avoid | {avoid.name} if avoid is not None else work.avoid
+        retry = ShardWork(work.shard_index, rows, attempt, time.monotonic() + delay, look_first=True, avoid=avoided)
+        self.add_copies(retry)
+        self.retry_queue.append(retry)
 
-    def dispatch(actor, work: ShardWork) -> None:
-        generator = actor.render_shard.options(num_returns="streaming").remote(work.rows, options.batch_size)
-        in_flight[generator] = (actor, work, set())
+    def fail_when_no_other_copy(self, work: ShardWork, row: RenderRow, result: RowResult) -> None:
+        """A failure settles its row only when no other copy of it is queued or in flight."""
+        state = self.states.get(work.shard_index)
+        if state is None or row.row_index in state.results:
+            return
+        if state.copies[row.row_index] > 0:
+            state.tentative[row.row_index] = (row, result)
+            return
+        self.settle(work, row, self.confirm_failure(row, result))
 
-    def unsettled(work: ShardWork, seen: set[int]) -> list[RenderRow]:
-        """Rows of `work` with no result from this copy and none from another (a straggler's)."""
-        return [r for r in work.rows if r.row_index not in seen and not is_settled(work.shard_index, r.row_index)]
+    def confirm_failure(self, row: RenderRow, result: RowResult) -> RowResult:
+        """A row whose every image is stored with this job's provenance is done, whatever a copy
+        reported (its success was lost, or another copy's put won with other bytes)."""
+        digests = []
+        try:
+            for index, key in enumerate(row.keys):
+                expected = image_provenance(row, index, model=self.plan.model, manifest_sha256=self.plan.manifest_sha256)
+                data = stored_own_image(self.store, key, expected)
+                if data is None:
+                    return result
+                digests.append(sha256_hex(data))
+        except Exception:  # cannot look: the failure stands, a resume checks again
+            return result
+        self.outcome.recovered += 1
+        return RowResult(row_index=row.row_index, id=row.id, status=RowStatus.DONE, keys=list(row.keys),
+                         sha256=digests, seed=row.seed, rendered=False, worker=result.worker)
 
-    def speculate() -> bool:
-        """Nothing left to hand out and a worker idle: give it a copy of the oldest in-flight shard's
-        unsettled rows (once per shard). Rendering is deterministic and puts are conditional, so
-        both copies write the same bytes once; the first result of each row wins."""
-        for _actor, work, seen in list(in_flight.values()):
-            rows = unsettled(work, seen)
-            if work.shard_index not in speculated and rows:
-                speculated.add(work.shard_index)
-                outcome.speculative += 1
-                dispatch(idle.pop(), ShardWork(work.shard_index, rows, work.attempt))
-                return True
-        return False
+    def settle(self, work: ShardWork, row: RenderRow, result: RowResult) -> None:
+        if self.is_settled(work.shard_index, result.row_index):
+            return  # another copy already settled this row: the first success wins
+        result.attempts = work.attempt
+        state = self.states[work.shard_index]
+        state.tentative.pop(result.row_index, None)
+        state.results[result.row_index] = result
+        if result.status is RowStatus.DONE:
+            self.outcome.done += 1
+            self.outcome.rendered += int(result.rendered)
+            self.progress.update(done=1)
+        else:
+            self.outcome.failed += 1
+            self.outcome.failed_ids.append(result.id)
+            self.progress.update(failed=1)
+        self.settle_tentative(work, state)
+        if state.complete and work.shard_index in self.states:
+            write_shard_ledger(self.store, self.plan.job_id, work.shard_index, list(state.results.values()))
+            del self.states[work.shard_index]
 
-    recovering: dict = {}  # ping -> actor: a restarted actor gets work again once it answers
-
-    def recover(actor) -> None:
-        recovering[actor.ping.remote()] = actor
-
-    def check_workers_left() -> None:
-        if not idle and not in_flight and not recovering:
-            raise QwenBatchError("every worker died; stored rows are kept, run the same submit again to resume")
-
-    while True:
-        while idle and (work := next_work()) is not None:
-            dispatch(idle.pop(), work)
-        while idle and not retry_queue and options.speculate and speculate():
-            pass
-        metrics.in_flight.set(sum(len(w.rows) - len(seen) for _a, w, seen in in_flight.values()), metrics.tags)
-        progress_file.write()
-        if manifest_read and not states and not retry_queue:
-            break  # every row has settled (a straggler's slower copy may still be running: it is killed)
-        if not in_flight and not recovering:
-            if not retry_queue:
-                break  # every row has settled
-            time.sleep(0.05)  # what is left is waiting out its backoff
-            continue
-        ready, _ = ray.wait(list(in_flight) + list(recovering), num_returns=1, timeout=1.0)
-        for ref in ready:
-            if ref in recovering:
-                actor = recovering.pop(ref)
-                try:
-                    ray.get(ref)
-                    idle.append(actor)
-                except ray.exceptions.ActorDiedError:
-                    check_workers_left()
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                    time.sleep(0.2)  # still restarting
-                    recover(actor)
-                continue
-            generator = ref
-            actor, work, seen = in_flight[generator]
-            try:
-                results = ray.get(next(generator))
-            except StopIteration:  # the shard is finished on this actor
-                del in_flight[generator]
-                idle.append(actor)
-                continue
-            except ray.exceptions.ActorDiedError as exc:  # gone for good (restarts used up)
-                del in_flight[generator]
-                retry_or_fail(work, unsettled(work, seen), f"worker lost: {_first_line(exc)}")
-                check_workers_left()
-                continue
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                del in_flight[generator]  # Ray is restarting it: only its unsettled rows go back
-                retry_or_fail(work, unsettled(work, seen), f"worker lost: {_first_line(exc)}")
-                recover(actor)
-                continue
-            except ray.exceptions.RayTaskError as exc:  # the shard call itself raised
-                del in_flight[generator]
-                retry_or_fail(work, unsettled(work, seen), _first_line(exc.cause or exc))
-                idle.append(actor)
-                continue
-            retry_rows = []
-            for result in results:
-                seen.add(result.row_index)
-                if result.status is RowStatus.FAILED and not result.user_error and work.attempt < options.max_attempts:
-                    retry_rows.append(next(r for r in work.rows if r.row_index == result.row_index))
-                else:
-                    settle(work, result)
-            if retry_rows:
-                retry_or_fail(work, retry_rows, "row failed")
+    def settle_tentative(self, work: ShardWork, state: _ShardState) -> None:
+        """Failures that were waiting for other copies whose copies have all ended."""
+        for row_index, (row, result) in list(state.tentative.items()):
+            if state.copies[row_index] <= 0 and row_index not in state.results:
+                del state.tentative[row_index]
+                self.settle(work, row, self.confirm_failure(row, result))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -390,5 +518,5 @@ def _first_line(exc: BaseException) -> str:
 def _failed(row: RenderRow, error: str) -> RowResult:
     return RowResult(
         row_index=row.row_index, id=row.id, status=RowStatus.FAILED, keys=list(row.keys), seed=row.seed,
-        rendered=False, error=error,
+        rendered=False, error=error, error_kind=ErrorKind.TRANSIENT.value,
     )

@@ -12,8 +12,10 @@ class S3RangeFile(io.RawIOBase):
     so a shard never downloads the whole manifest.
     """
 
-    def __init__(self, store, key: str):
-        self.store, self.key = store, key
+    def __init__(self, store, key: str, *, version: str | None = None):
+        """`version`: the object's ETag; every read is pinned to it (If-Match), so an object
+        replaced while a job reads it is an error instead of a mix of two manifests."""
+        self.store, self.key, self.version = store, key, version
         self.length = store.size(key)
         self.position = 0
 
@@ -35,7 +37,7 @@ class S3RangeFile(io.RawIOBase):
         stop = self.length if size is None or size < 0 else min(self.length, self.position + size)
         if stop <= self.position:
             return b""
-        data = self.store.read_range(self.key, self.position, stop)
+        data = self.store.read_range(self.key, self.position, stop, if_match=self.version)
         self.position += len(data)
         return data
 
@@ -45,8 +47,7 @@ class S3RangeFile(io.RawIOBase):
         return len(data)
 
 
-def open_s3_input(uri: str) -> S3RangeFile:
-    """A seekable reader for s3://bucket/key; UserError when it is missing or unreadable."""
+def _parent_store(uri: str):
     from qwen_worker.errors import UserError
     from qwen_worker.stores.s3 import S3Store, parse_s3_uri
 
@@ -54,8 +55,27 @@ def open_s3_input(uri: str) -> S3RangeFile:
     if not key:
         raise UserError(f"not an object URI (no key): {uri}")
     parent, _, name = key.rpartition("/")
-    store = S3Store(f"s3://{bucket}/{parent}")
+    return S3Store(f"s3://{bucket}/{parent}"), name
+
+
+def open_s3_input(uri: str, *, version: str | None = None) -> S3RangeFile:
+    """A seekable reader for s3://bucket/key (pinned to ETag `version` when given); UserError
+    when it is missing or unreadable."""
+    from qwen_worker.errors import UserError
+
+    store, name = _parent_store(uri)
     try:
-        return S3RangeFile(store, name)
+        return S3RangeFile(store, name, version=version)
+    except KeyError:
+        raise UserError(f"manifest not found: {uri}") from None
+
+
+def s3_object_version(uri: str) -> str:
+    """The ETag of s3://bucket/key now (what a job pins its manifest reads to)."""
+    from qwen_worker.errors import UserError
+
+    store, name = _parent_store(uri)
+    try:
+        return store.etag(name)
     except KeyError:
         raise UserError(f"manifest not found: {uri}") from None

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 from jobs.ledger import read_ledger
 from jobs.manifest import ResolveContext, validate_manifest
-from jobs.plan import MANIFEST_COPY_KEY, JobPlan, claim_job, file_sha256, make_job_id, now_utc, versions
+from jobs.plan import JobPlan, claim_job, file_sha256, make_job_id, manifest_copy_key, now_utc, versions
 from jobs.report import write_report
 from jobs.results import write_results
 from jobs.runner import JobOutcome, RunOptions, run_job
-from qwen_worker.errors import UserError
+from qwen_worker.errors import JobBusyError, UserError
 from qwen_worker.presets import get_preset
 from qwen_worker.stores import Store, open_store
 
@@ -26,6 +26,7 @@ class PreparedJob:
     plan: JobPlan
     store: Store
     resumed: bool
+    lease: object = None  # the DriverLease held on the output (hold_lease=True), released by the caller
 
 
 def output_key_uri(output: str, key: str) -> str:
@@ -43,34 +44,64 @@ def prepare_job(
     resume_anyway: bool = False,
     template_dirs: tuple[str, ...] = (),
     options: dict | None = None,
+    hold_lease: bool = False,
 ) -> PreparedJob:
-    """Validate the manifest (before anything is written or loaded), then claim the output:
-    a new job writes job.json and a copy of a local manifest; the same job again is a resume."""
+    """Validate the manifest (before anything is written or loaded), take the output's driver
+    lease, then claim the output: a new job writes job.json and a copy of a local manifest; the
+    same job again is a resume. With `hold_lease` the lease is kept (in PreparedJob.lease) for the
+    run; otherwise it is released once the output is claimed."""
+    from jobs.lease import DriverLease
+
     preset = get_preset(model)
     summary = validate_manifest(manifest, ResolveContext(preset=preset, job_seed=seed, template_dirs=template_dirs))
     store = open_store(output, overwrite=overwrite)
     store.check_writable()
     manifest_sha256 = file_sha256(manifest)
     in_place = manifest.startswith("s3://")
+    job_id = make_job_id(manifest_sha256, model, seed, store.uri)
+    lease = DriverLease(store, job_id).acquire()
+    try:
+        prepared = _claim(store, manifest, manifest_sha256, in_place, job_id, model, seed, summary.rows, shard_size,
+                          options, overwrite=overwrite, resume_anyway=resume_anyway)
+    except BaseException:
+        lease.release()
+        raise
+    if hold_lease:
+        prepared.lease = lease
+    else:
+        lease.release()
+    return prepared
+
+
+def _claim(store, manifest, manifest_sha256, in_place, job_id, model, seed, rows, shard_size, options, *,
+           overwrite, resume_anyway) -> PreparedJob:
+    manifest_version = None
+    if in_place:  # an s3:// manifest is read in place, pinned to this version for the whole job
+        from jobs.s3_files import s3_object_version
+
+        manifest_version = s3_object_version(manifest)
     plan = JobPlan(
-        job_id=make_job_id(manifest_sha256, model, seed, store.uri),
-        manifest=manifest if in_place else output_key_uri(store.uri, MANIFEST_COPY_KEY),
+        job_id=job_id,
+        manifest=manifest if in_place else output_key_uri(store.uri, manifest_copy_key(manifest_sha256)),
         manifest_source=manifest,
         manifest_sha256=manifest_sha256,
         output=store.uri,
         model=model,
         seed=seed,
-        rows=summary.rows,
+        rows=rows,
         shard_size=shard_size,
         options=dict(options or {}),
         versions=versions(),
         created=now_utc(),
+        manifest_version=manifest_version,
     )
     claimed = claim_job(store, plan, resume_anyway=resume_anyway, overwrite=overwrite)
     resumed = claimed is not plan
-    if not in_place and store.stored_sha256(MANIFEST_COPY_KEY) != manifest_sha256:  # missing, or another job's
-        with open(manifest, "rb") as f:
-            store.put(MANIFEST_COPY_KEY, f.read())
+    if not in_place:  # named by its sha256: written once, never replaced
+        copy_key = manifest_copy_key(manifest_sha256)
+        if store.stored_sha256(copy_key) != manifest_sha256:
+            with open(manifest, "rb") as f:
+                store.put_new(copy_key, f.read())
     return PreparedJob(claimed, store, resumed)
 
 
@@ -126,7 +157,7 @@ def submit_job(
         options["run_id"] = job_id
     prepared = prepare_job(
         manifest, output, model=model, seed=seed, shard_size=shard_size, overwrite=overwrite,
-        resume_anyway=resume_anyway, template_dirs=template_dirs, options=options,
+        resume_anyway=resume_anyway, template_dirs=template_dirs, options=options, hold_lease=True,
     )
     plan = prepared.plan
     verb = "resuming" if prepared.resumed else "starting"
@@ -134,8 +165,13 @@ def submit_job(
     run_options = RunOptions(
         workers=workers, batch_size=batch_size, max_attempts=max_attempts, overwrite=overwrite,
         model_dir=model_dir, offload=offload, device=device, show_progress=show_progress, template_dirs=template_dirs,
-        new_output=not prepared.resumed,
+        new_output=not prepared.resumed, echo=echo,
     )
-    outcome = run_job(plan, prepared.store, run_options, address=address)
-    finish_job(prepared, template_dirs)
+    try:  # under the output's driver lease: one driver per output at a time
+        outcome = run_job(plan, prepared.store, run_options, address=address)
+        if prepared.lease.lost:
+            raise JobBusyError(f"another driver took over {plan.output} while this one ran (its lease had expired)")
+        finish_job(prepared, template_dirs)
+    finally:
+        prepared.lease.release()
     return outcome

@@ -1,7 +1,9 @@
 """The one exception root of qwen-batch, shared by the driver (`jobs`) and the worker.
 
 User errors are the user's to fix (a bad row, a missing bucket): never retried, reported in one
-line. System errors (storage 5xx, lost actors, CUDA OOM) are retried with backoff.
+line. System errors (storage 5xx, lost actors, CUDA OOM) are retried with backoff. Which of the
+three failure kinds (row / worker / transient) an exception is, is decided in one place:
+`qwen_worker.failures.classify`.
 """
 
 
@@ -29,3 +31,18 @@ class StorageError(SystemError_):
 
 class ObjectExistsError(UserError):
     """An object already exists at a key with content different from what we would write."""
+
+
+class StoreAccessError(UserError):
+    """The store cannot be used from here: no or wrong credentials, access denied, missing bucket,
+    unreachable endpoint, a directory that cannot be written. On the driver the user must fix it
+    (exit 1); on a worker it is that worker's (node's) problem, never its rows'."""
+
+
+class WorkerError(SystemError_):
+    """This worker cannot render: its model did not load, its GPU or driver is broken, its host is
+    out of memory. Its rows go to another worker."""
+
+
+class JobBusyError(SystemError_):
+    """Another driver holds this job's output (its lease is alive)."""

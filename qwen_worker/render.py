@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+from qwen_worker.failures import is_out_of_memory
 from qwen_worker.rows import RenderRow
 
 
@@ -67,19 +68,6 @@ def render_batch(pipe, tasks: list[ImageTask]) -> list:
     )
     return list(output.images)
 
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(exc)
-
-
-def is_fatal_cuda_error(exc: BaseException) -> bool:
-    """A CUDA error after which the process's CUDA context cannot be trusted (illegal access,
-    device-side assert, launch failure): the worker must exit so Ray restarts it fresh."""
-    text = str(exc)
-    return not is_out_of_memory(exc) and ("CUDA error" in text or "cudaError" in text or "CUBLAS_STATUS" in text)
 
 
 def render_splitting_on_oom(pipe, tasks: list[ImageTask]) -> list:

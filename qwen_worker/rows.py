@@ -55,7 +55,7 @@ class RowResult:
     rendered: bool = True  # False when every image was already stored (resume after a crash)
     worker: str = ""
     error: str = ""
-    user_error: bool = False  # the error is the user's to fix (not retried)
+    error_kind: str = ""  # for a failure: "row", "worker" or "transient" (qwen_worker.failures)
 
     def to_record(self) -> dict:
         record = dataclasses.asdict(self)

@@ -113,6 +113,7 @@ def ray_session(s3_server):
     # Ray jobs run `qwen-batch submit` as their entrypoint: it must be on the workers' PATH.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     context = ray.init(
+        address="local",  # never join a cluster started with `ray start` on this machine
         num_cpus=2,
         object_store_memory=80 * 1024 * 1024,
         include_dashboard=True,

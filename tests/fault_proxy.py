@@ -9,6 +9,10 @@ and body bytes, so SigV4 signatures stay valid. Per request a seeded RNG picks a
     drop      forward, then close without answering: the write happened, the client never heard
     delay     sleep `delay_s`, then forward
 
+and, independently of the RNG, `conflict_once=PREFIX`: the first PUT of every key whose path
+contains PREFIX is answered 409 ConditionalRequestConflict (what S3 says to one of two concurrent
+conditional writes) without forwarding.
+
     proxy = FaultProxy(upstream, seed=1, slowdown=0.2, reset=0.05, drop=0.1).start()
     proxy.endpoint; proxy.injected["drop"]; proxy.queue("drop")  # next request: a drop
     proxy.stop()
@@ -32,11 +36,13 @@ _ERRORS = {
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
     "error500": (500, "InternalError", "We encountered an internal error. Please try again."),
     "upstream": (502, "BadGateway", "The fault proxy could not reach the upstream server."),
+    "conflict409": (409, "ConditionalRequestConflict", "A conflicting conditional operation is in progress."),
 }
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, *, seed: int = 0, delay_s: float = 0.05, **rates: float):
+    def __init__(self, upstream: str, *, seed: int = 0, delay_s: float = 0.05, conflict_once: str | None = None,
+                 **rates: float):
         unknown = set(rates) - set(FAULTS)
         if unknown:
             raise ValueError(f"unknown faults {sorted(unknown)}; known: {FAULTS}")
@@ -44,6 +50,8 @@ class FaultProxy:
         self.upstream = (parts.hostname, parts.port or 80)
         self.rates = {name: float(rates.get(name, 0.0)) for name in FAULTS}
         self.delay_s = delay_s
+        self.conflict_once = conflict_once
+        self._conflicted: set[str] = set()
         self.injected: collections.Counter[str] = collections.Counter()
         self.requests = 0  # requests received (faulty or not)
         self._rng = random.Random(seed)
@@ -81,6 +89,18 @@ class FaultProxy:
         with self._lock:
             self.rates.update({name: float(rates[name]) for name in FAULTS if name in rates})
 
+    def _conflict(self, method: str, path: str) -> bool:
+        """Whether this request gets its key's one 409 (see conflict_once)."""
+        if self.conflict_once is None or method != "PUT" or self.conflict_once not in path:
+            return False
+        key = path.split("?", 1)[0]
+        with self._lock:
+            if key in self._conflicted:
+                return False
+            self._conflicted.add(key)
+            self.injected["conflict409"] += 1
+            return True
+
     def _pick(self) -> str | None:
         with self._lock:
             self.requests += 1
@@ -110,6 +130,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_request(self) -> None:
         body = self._read_body()
+        if self.proxy._conflict(self.command, self.path):
+            return self._answer_error("conflict409")
         fault = self.proxy._pick()
         if fault in ("slowdown", "error500"):
             return self._answer_error(fault)

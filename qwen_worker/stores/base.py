@@ -52,8 +52,43 @@ class Store:
         """Keys under `prefix` (relative to the store root), in no promised order."""
         raise NotImplementedError
 
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """(bytes, version) of the object; the version changes whenever it is written. KeyError when
+        there is none."""
+        raise NotImplementedError
+
+    def put_versioned(self, key: str, data: bytes, *, expected: str | None) -> str | None:
+        """Compare-and-swap: write `data` at `key` only while the stored version is `expected`
+        (None: only while there is no object). The new version when written, None when someone
+        else was first."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        """Remove the object at `key` (bookkeeping only); no error when there is none."""
+        raise NotImplementedError
+
+    def get_many(self, keys: list[str], *, threads: int = 16) -> Iterator[tuple[str, bytes]]:
+        """(key, bytes) of each key that exists, fetched in parallel, in the order of `keys`."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def fetch(key: str):
+            try:
+                return key, self.get(key)
+            except KeyError:
+                return key, None
+
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(keys)))) as pool:
+            for key, data in pool.map(fetch, keys):
+                if data is not None:
+                    yield key, data
+
     def check_writable(self) -> None:
-        """Fail early, with a UserError naming the destination, if we cannot write here."""
+        """Fail early, with a StoreAccessError naming the destination, if we cannot write here."""
+        raise NotImplementedError
+
+    def check_usable(self) -> None:
+        """What a worker proves from its own node before it gets work: credentials found, the
+        destination reachable, a conditional put honoured, a read back. StoreAccessError otherwise."""
         raise NotImplementedError
 
     def worker_options(self) -> dict:

@@ -21,7 +21,7 @@ import uuid
 from typing import Callable, TypeVar
 from urllib.parse import urlsplit
 
-from qwen_worker.errors import StorageError, UserError
+from qwen_worker.errors import StorageError, StoreAccessError, UserError
 from qwen_worker.stores.base import PutOutcome, Store, sha256_hex
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ SHA256_META = "sha256"  # user metadata key (sent as x-amz-meta-sha256)
 _RETRYABLE_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeoutException",
     "InternalError", "ServiceUnavailable", "RequestLimitExceeded",
+    "ConditionalRequestConflict", "OperationAborted",  # 409: a concurrent write to the same key
 }  # fmt: skip
 _WHAT_TO_FIX = {
     "NoSuchBucket": "the bucket does not exist: create it or fix the output URI",
@@ -77,7 +78,9 @@ def _is_transient(exc: BaseException) -> bool:
 
     if isinstance(exc, ClientError):
         status = _http_status(exc)
-        return status >= 500 or status in (408, 429) or _error_code(exc) in _RETRYABLE_CODES
+        return status >= 500 or status in (408, 429) or _error_code(exc) in _RETRYABLE_CODES or (
+            status == 409 and _error_code(exc) in ("", "409")
+        )
     return isinstance(exc, (_Again, ConnectionError, HTTPClientError, IncompleteReadError))
 
 
@@ -202,8 +205,8 @@ class S3Store(Store):
             f"last error: {_error_code(last)}: {last}"
         ) from last
 
-    def _user_error(self, exc: BaseException, what: str) -> UserError | None:
-        """A one-line UserError naming the destination and what to fix; never a secret value."""
+    def _user_error(self, exc: BaseException, what: str) -> StoreAccessError | None:
+        """A one-line StoreAccessError naming the destination and what to fix; never a secret value."""
         from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError, ProfileNotFound
 
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
@@ -219,7 +222,7 @@ class S3Store(Store):
             return None
         hint = _WHAT_TO_FIX.get(hint_key, "the S3 server refused the request")
         endpoint = f" at {self.endpoint}" if self._client is not None else ""
-        return UserError(f"cannot use {self.uri}{endpoint} ({code} on {what}): {hint}")
+        return StoreAccessError(f"cannot use {self.uri}{endpoint} ({code} on {what}): {hint}")
 
     # ---- Store interface
     def put_new(self, key, data, *, content_type="application/octet-stream"):
@@ -295,13 +298,45 @@ class S3Store(Store):
             raise KeyError(key)
         return size
 
-    def read_range(self, key: str, start: int, stop: int) -> bytes:
-        """Bytes [start, stop) of the object (one ranged GET, retried)."""
+    def read_range(self, key: str, start: int, stop: int, *, if_match: str | None = None) -> bytes:
+        """Bytes [start, stop) of the object (one ranged GET, retried); with `if_match` (an ETag)
+        a UserError when the object is no longer that version."""
+        from botocore.exceptions import ClientError
+
         full = self._key(key)
-        return self._retrying(
-            f"GetObject {key}",
-            lambda: self._call("get_object", Key=full, Range=f"bytes={start}-{stop - 1}")["Body"].read(),
-        )
+        condition = {"IfMatch": if_match} if if_match else {}
+
+        def attempt() -> bytes:
+            try:
+                return self._call("get_object", Key=full, Range=f"bytes={start}-{stop - 1}", **condition)["Body"].read()
+            except ClientError as exc:
+                if if_match and _http_status(exc) == 412:
+                    raise UserError(
+                        f"{self.uri.rstrip('/')}/{key} changed while this job was reading it (ETag no longer "
+                        f"{if_match}): a job reads one version of its manifest; submit the new one as a new job"
+                    ) from None
+                raise
+
+        return self._retrying(f"GetObject {key}", attempt)
+
+    def etag(self, key: str) -> str:
+        """The object's ETag; KeyError when there is none."""
+        from botocore.exceptions import ClientError
+
+        full = self._key(key)
+
+        def attempt() -> str | None:
+            try:
+                return self._call("head_object", Key=full)["ETag"]
+            except ClientError as exc:
+                if _http_status(exc) == 404:
+                    return None
+                raise
+
+        found = self._retrying(f"HeadObject {key}", attempt)
+        if found is None:
+            raise KeyError(key)
+        return found
 
     def stored_sha256(self, key):
         full = self._key(key)
@@ -344,9 +379,10 @@ class S3Store(Store):
             if not page.get("IsTruncated") or not token:
                 return
 
-    def check_writable(self):
-        """Fail early with one clear UserError if the bucket is missing, the credentials are wrong,
-        the endpoint is unreachable, or the server ignores conditional writes."""
+    def check_writable(self, *, read_back: bool = False):
+        """Fail early with one clear StoreAccessError if the bucket is missing, the credentials are
+        wrong, the endpoint is unreachable, or the server ignores conditional writes (`read_back`:
+        also read the probe object back)."""
         try:
             self._retrying("HeadBucket", lambda: self._call("head_bucket"))
         except UserError as exc:
@@ -362,15 +398,80 @@ class S3Store(Store):
         probe, what = self._key(name), f"PutObject {name}"
         self._retrying(what, lambda: self._put_probe(probe))  # 200, or 412 after a lost response
         honoured = self._retrying(what, lambda: self._put_probe(probe) == 412)
+        read = self._retrying(f"GetObject {name}", lambda: self._call("get_object", Key=probe)["Body"].read()) if read_back else b""
         try:
             self._call("delete_object", Key=probe)
         except Exception as exc:  # write-only credentials: leave the empty probe behind
             log.warning("could not delete the write probe %s: %s", probe, _error_code(exc))
         if not honoured:
-            raise UserError(
+            raise StoreAccessError(
                 f"the S3 server behind s3://{self.bucket} ignores conditional writes (If-None-Match: *), "
                 "which exactly-once output needs: use a server that supports them"
             )
+        if read != b"":
+            raise StoreAccessError(f"s3://{self.bucket} returned other bytes than were written to {name}")
+
+    def has_credentials(self) -> bool:
+        """Whether the standard AWS chain finds credentials in this process's environment."""
+        import boto3
+
+        try:
+            return boto3.session.Session().get_credentials() is not None
+        except Exception:
+            return False
+
+    def check_usable(self):
+        if not self.has_credentials():
+            raise StoreAccessError(
+                f"cannot use {self.uri}: no S3 credentials found (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "AWS_PROFILE, an instance or pod role)"
+            )
+        self.check_writable(read_back=True)
+
+    def get_versioned(self, key):
+        full = self._key(key)
+
+        def attempt():
+            from botocore.exceptions import ClientError
+
+            try:
+                response = self._call("get_object", Key=full)
+            except ClientError as exc:
+                if _error_code(exc) in ("NoSuchKey", "404"):
+                    return None
+                raise
+            return response["Body"].read(), response["ETag"]
+
+        found = self._retrying(f"GetObject {key}", attempt)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def put_versioned(self, key, data, *, expected):
+        full, sha = self._key(key), sha256_hex(data)
+        condition = {"IfNoneMatch": "*"} if expected is None else {"IfMatch": expected}
+
+        def attempt() -> str | None:
+            from botocore.exceptions import ClientError
+
+            try:
+                return self._call("put_object", Key=full, Body=data, Metadata={SHA256_META: sha}, **condition)["ETag"]
+            except ClientError as exc:
+                if _http_status(exc) not in (412, 404):
+                    raise
+            try:  # our own write whose response was lost?
+                head = self._call("head_object", Key=full)
+            except ClientError as exc:
+                if _http_status(exc) == 404:
+                    return None
+                raise
+            return head["ETag"] if head.get("Metadata", {}).get(SHA256_META) == sha else None
+
+        return self._retrying(f"PutObject {key}", attempt)
+
+    def delete(self, key):
+        full = self._key(key)
+        self._retrying(f"DeleteObject {key}", lambda: self._call("delete_object", Key=full))
 
     def _put_probe(self, probe: str) -> int:
         """Conditional put of an empty object: 200 when written, 412 when something was there."""

@@ -122,7 +122,7 @@ def test_a_poison_row_is_marked_failed_after_max_attempts_and_the_rest_complete(
     assert (outcome.done, outcome.failed, outcome.failed_ids, outcome.exit_code) == (4, 1, ["row-002"], 3)
     [poison] = [r for r in ledger(output) if r["status"] == "failed"]
     assert poison["attempts"] == 3
-    assert poison["error"].startswith("IsADirectoryError")
+    assert poison["error"].startswith("gave up after 3 attempts: IsADirectoryError")
 
 
 def test_metrics_are_exported_to_prometheus(ray_session, ray_metrics_port, write_manifest, tmp_path):

@@ -56,9 +56,11 @@ def test_full_job_stores_every_image_once_with_ledger_and_results(ray_session, w
     assert results.column("prompt").to_pylist()[1].endswith(", 超清，4K，电影级构图.")
     job = json.loads((Path(output) / "job.json").read_text())
     assert (job["job_id"], job["rows"], job["model"], job["shard_size"]) == (outcome.job_id, 10, "tiny", 4)
-    [worker] = job["options"]["workers"]  # each worker's load time and offload plan (none for tiny)
+    [worker] = job["options"]["workers"]  # each worker's state, node, load time and offload plan (none for tiny)
     assert worker["name"] == f"qwen-worker-{outcome.job_id}-0" and worker["offload_plan"] is None
-    assert (Path(output) / "manifest.parquet").read_bytes() == Path(manifest).read_bytes()
+    assert worker["state"] in ("idle", "busy") and worker["node_ip"]
+    manifest_sha256 = hashlib.sha256(Path(manifest).read_bytes()).hexdigest()
+    assert (Path(output) / "manifests" / f"{manifest_sha256}.parquet").read_bytes() == Path(manifest).read_bytes()
 
 
 def test_same_bytes_with_one_or_two_workers_and_across_runs(ray_session, write_manifest, tmp_path):

@@ -1,5 +1,6 @@
 """Jobs writing to a real S3-compatible server (SeaweedFS), through real faults and real crashes."""
 
+import hashlib
 import io
 import os
 import signal
@@ -47,7 +48,8 @@ def test_job_to_s3_has_the_same_bytes_as_to_a_local_dir(ray_session, s3_bucket, 
     assert (outcome.done, outcome.failed) == (6, 0)
     assert s3_images(s3_bucket) == local_images(tmp_path / "local")
     store = S3Store(s3_bucket)
-    assert store.get("manifest.parquet") == Path(manifest).read_bytes()
+    manifest_bytes = Path(manifest).read_bytes()
+    assert store.get(f"manifests/{hashlib.sha256(manifest_bytes).hexdigest()}.parquet") == manifest_bytes
     results = pq.read_table(io.BytesIO(store.get("results.parquet")))
     assert results.column("status").to_pylist() == ["done"] * 6
     assert results.column("extra_note").to_pylist() == ["x"] * 6

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jobs.runner import worker_pool
+from jobs.pool import worker_pool
 from qwen_worker.errors import UserError
 from qwen_worker.presets import get_preset
 

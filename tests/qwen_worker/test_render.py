@@ -114,6 +114,6 @@ def test_one_image_that_does_not_fit_raises(tiny_pipe):
     ],
 )
 def test_fatal_cuda_errors_are_told_apart(message, fatal):
-    from qwen_worker.render import is_fatal_cuda_error
+    from qwen_worker.failures import is_fatal_cuda_error
 
     assert is_fatal_cuda_error(RuntimeError(message)) is fatal
