@@ -11,16 +11,17 @@ import os
 import re
 import shlex
 import time
-from urllib.parse import urlsplit
 
-from qwen_worker.errors import QwenBatchError, UserError
+from qwen_worker.errors import JobBusyError, QwenBatchError, UserError
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 METADATA_KEY = "qwen_batch_job"
-# Non-secret settings the cluster-side driver needs; credentials come from the cluster's own
-# environment (instance roles, Kubernetes Secrets), never from here.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE", "HF_HOME")
+# The cluster's nodes bring their own settings (HF_HOME, HF_HUB_OFFLINE, AWS_ENDPOINT_URL, ...) and
+# credentials (instance roles, Kubernetes Secrets); `--forward-env NAME` sends a setting from here,
+# but never one that looks like a secret.
+SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|SESSION|CREDENTIAL|ACCESS_KEY|PRIVATE", re.IGNORECASE)
 JOB_ID_PATTERN = re.compile(r"qb-[0-9a-f]{12}(-\d+)?")
+SHIPPED_TEMPLATES = "qb-templates-{n}"  # where --templates DIR n lands in the Ray job's working dir
 
 
 def is_jobs_api_address(address: str | None) -> bool:
@@ -35,22 +36,106 @@ def dashboard_address(address: str | None) -> str:
 
 
 def client_for(address: str | None):
-    """A JobSubmissionClient (token auth through Ray's own RAY_AUTH_TOKEN variables)."""
+    """A JobSubmissionClient that sends the cluster's auth token the way Ray's own tools find it
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), whatever RAY_AUTH_MODE says."""
     from ray.job_submission import JobSubmissionClient
+
+    from jobs.ray_auth import auth_headers, auth_problem
 
     address = dashboard_address(address)
     try:
-        return JobSubmissionClient(address)
-    except Exception as exc:  # ConnectionError, or a RuntimeError wrapping it
+        return JobSubmissionClient(address, headers=auth_headers())
+    except Exception as exc:  # AuthenticationError, ConnectionError, or a RuntimeError wrapping it
+        problem = auth_problem(exc, address)
+        if problem is not None:
+            raise problem from None
         raise UserError(f"cannot reach the Ray dashboard at {address}: {str(exc).splitlines()[0]}") from None
 
 
-def _is_local(address: str) -> bool:
-    return urlsplit(address).hostname in ("127.0.0.1", "localhost", "::1")
+def forwarded_env(names) -> dict:
+    """The `--forward-env` variables' values from here (UserError for a secret or an unset name)."""
+    env = {}
+    for name in names:
+        if SECRET_NAME.search(name):
+            raise UserError(f"`--forward-env` does not send secrets, got: {name!r} (credentials come from the "
+                            "cluster's own environment: instance or pod roles, Kubernetes Secrets)")
+        if name not in os.environ:
+            raise UserError(f"`--forward-env` names a variable that is not set here, got: {name!r}")
+        env[name] = os.environ[name]
+    return env
+
+
+def local_addresses() -> set[str]:
+    """IP addresses of this machine (loopback, every interface, the host name's)."""
+    import socket
+
+    found = {"127.0.0.1", "::1"}
+    try:
+        import psutil
+
+        for addresses in psutil.net_if_addrs().values():
+            found.update(a.address.split("%")[0] for a in addresses if a.family in (socket.AF_INET, socket.AF_INET6))
+    except Exception:
+        pass
+    try:
+        found.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    except OSError:
+        pass
+    return found
+
+
+def dashboard_node_ips(address: str) -> list[str]:
+    """IPs of the live nodes of the cluster behind a dashboard address (its state API)."""
+    import json
+    import urllib.request
+
+    from jobs.ray_auth import auth_headers
+
+    request = urllib.request.Request(f"{address.rstrip('/')}/api/v0/nodes?limit=10000&detail=false", headers=auth_headers())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            nodes = json.loads(response.read())["data"]["result"]["result"]
+    except Exception as exc:
+        raise UserError(f"cannot list the nodes of the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
+    return sorted({n["node_ip"] for n in nodes if n.get("state") == "ALIVE"})
+
+
+def check_output_reachable(output: str, node_ips, *, shared_fs: bool, address: str) -> None:
+    """A local output directory is only usable by a cluster whose nodes are all this machine (a
+    port-forwarded `localhost:8265` is not), unless the user says it is a shared filesystem."""
+    if output.startswith("s3://") or shared_fs:
+        return
+    remote = sorted(set(node_ips) - local_addresses())
+    if remote:
+        shown = ", ".join(remote[:5]) + (" …" if len(remote) > 5 else "")
+        raise UserError(
+            f"the Ray cluster at {address} has nodes on other machines ({shown}), which cannot write to the local "
+            f"directory {output}: use --output s3://bucket/prefix, or pass --shared-fs if {output} is on a "
+            "filesystem every node mounts at the same path"
+        )
+
+
+def ship_templates(template_dirs) -> tuple[str | None, list[str]]:
+    """A temporary Ray job working dir holding a copy of each --templates DIR (Ray uploads it to the
+    cluster), and the paths the cluster-side submit reads them from."""
+    if not template_dirs:
+        return None, []
+    import shutil
+    import tempfile
+
+    working_dir = tempfile.mkdtemp(prefix="qwen-batch-job-")
+    shipped = []
+    for n, directory in enumerate(template_dirs):
+        name = SHIPPED_TEMPLATES.format(n=n)
+        shutil.copytree(directory, os.path.join(working_dir, name),
+                        ignore=lambda _d, names: [x for x in names if not x.endswith((".yaml", ".yml"))
+                                                  and not os.path.isdir(os.path.join(_d, x))])
+        shipped.append(name)
+    return working_dir, shipped
 
 
 def entrypoint_for(plan, *, workers, batch_size, max_attempts, overwrite, template_dirs, model_dir, offload,
-                   device="auto") -> str:
+                   device="auto", shared_fs=False) -> str:
     args = ["qwen-batch", "submit", plan.manifest, "--output", plan.output, "--model", plan.model,
             "--seed", str(plan.seed), "--shard-size", str(plan.shard_size), "--batch-size", str(batch_size or "auto"),
             "--max-attempts", str(max_attempts), "--offload", offload, "--device", device, "--no-progress"]
@@ -60,6 +145,8 @@ def entrypoint_for(plan, *, workers, batch_size, max_attempts, overwrite, templa
         args.append("--overwrite")
     if model_dir:
         args += ["--model-dir", model_dir]
+    if shared_fs:
+        args.append("--shared-fs")
     for directory in template_dirs:
         args += ["--templates", directory]
     return shlex.join(args)
@@ -68,38 +155,46 @@ def entrypoint_for(plan, *, workers, batch_size, max_attempts, overwrite, templa
 def submit_to_cluster(manifest: str, output: str, *, address: str, model: str = "qwen-image-df11", seed: int = 0,
                       shard_size: int = 32, workers=None, batch_size: int = 4, max_attempts: int = 3,
                       overwrite: bool = False, resume_anyway: bool = False, template_dirs=(), model_dir=None,
-                      offload: str = "auto", wait: bool = False, echo=print, device: str = "auto") -> int:
+                      offload: str = "auto", wait: bool = False, echo=print, device: str = "auto",
+                      shared_fs: bool = False, forward_env=()) -> int:
     from jobs.submit_api import prepare_job
     from qwen_worker.loading import check_device_options
 
     check_device_options(device, offload)
+    env = forwarded_env(forward_env)
     client = client_for(address)
-    if not output.startswith("s3://") and not _is_local(address):
-        raise UserError(
-            f"the cluster at {address} cannot write to the local directory {output}: use --output s3://bucket/prefix"
-        )
+    if not output.startswith("s3://") and not shared_fs:
+        check_output_reachable(output, dashboard_node_ips(address), shared_fs=shared_fs, address=address)
     prepared = prepare_job(manifest, output, model=model, seed=seed, shard_size=shard_size, overwrite=overwrite,
                            resume_anyway=resume_anyway, template_dirs=tuple(template_dirs),
-                           options={"batch_size": batch_size, "max_attempts": max_attempts, "offload": offload})
+                           options={"batch_size": batch_size, "max_attempts": max_attempts, "offload": offload},
+                           allow_busy=True)
     plan = prepared.plan
     previous = [j for j in client.list_jobs() if (j.metadata or {}).get(METADATA_KEY) == plan.job_id]
     active = [j for j in previous if not j.status.is_terminal()]
+    if prepared.busy and not active:  # a driver outside this cluster's Ray jobs holds the output
+        raise JobBusyError(prepared.busy)
     if active:
         submission_id = active[0].submission_id
         echo(f"job {plan.job_id} is already running on {address} as Ray job {submission_id} "
              f"({active[0].status.value}): not submitting it twice")
     else:
         submission_id = plan.job_id if not previous else f"{plan.job_id}-{len(previous) + 1}"
+        working_dir, shipped = ship_templates(template_dirs)
         entrypoint = entrypoint_for(plan, workers=workers, batch_size=batch_size, max_attempts=max_attempts,
-                                    overwrite=overwrite, template_dirs=template_dirs, model_dir=model_dir,
-                                    offload=offload, device=device)
-        env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+                                    overwrite=overwrite, template_dirs=shipped, model_dir=model_dir,
+                                    offload=offload, device=device, shared_fs=shared_fs)
+        runtime_env = {**({"env_vars": env} if env else {}), **({"working_dir": working_dir} if working_dir else {})}
+        import logging
+
+        for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+            logging.getLogger(name).setLevel(logging.WARNING)  # no INFO lines about uploading the working dir
         try:
             _submit_when_agent_ready(
                 client,
                 entrypoint=entrypoint,
                 submission_id=submission_id,
-                runtime_env={"env_vars": env} if env else None,
+                runtime_env=runtime_env or None,
                 metadata={METADATA_KEY: plan.job_id, "manifest": plan.manifest_source, "output": plan.output,
                           "model": plan.model},
             )
@@ -110,6 +205,11 @@ def submit_to_cluster(manifest: str, output: str, *, address: str, model: str = 
                 raise QwenBatchError(f"the cluster refused the job: {str(exc).splitlines()[0]}") from None
         else:
             echo(f"submitted job {plan.job_id} ({plan.rows} rows) to {address} as Ray job {submission_id}")
+        finally:
+            if working_dir:
+                import shutil
+
+                shutil.rmtree(working_dir, ignore_errors=True)
     echo(f"follow it: qwen-batch logs {submission_id} --follow --address {address}   |   "
          f"qwen-batch status {plan.output}")
     if not wait:

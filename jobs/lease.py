@@ -47,7 +47,7 @@ class DriverLease:
                 continue
             current = _parse(data)
             if current and not self._expired(current):
-                raise JobBusyError(self._busy_message(current))
+                raise JobBusyError(self._busy_message(current), job_id=current.get("job_id"))
             version = self.store.put_versioned(LEASE_KEY, self._record(), expected=version)
             if version:
                 return self._held(version)

@@ -351,13 +351,13 @@ def image_keys(row: ManifestRow) -> tuple[str, ...]:
 
 
 def resolve_row(index: int, raw: dict, context: ResolveContext) -> RenderRow:
-    """A validated RenderRow, or _RowErrors listing every problem of this row."""
+    """A validated RenderRow, or RowErrors listing every problem of this row."""
     errors: list[str] = []
     row_id = raw.get("id")
     try:
         row = ManifestRow.model_validate(raw)
     except ValidationError as exc:
-        raise _RowErrors([_pydantic_error(index, row_id, error, raw) for error in exc.errors()]) from None
+        raise RowErrors([_pydantic_error(index, row_id, error, raw) for error in exc.errors()]) from None
 
     preset = context.preset
     prompt, negative, aspect_ratio, language = row.prompt, row.negative_prompt, row.aspect_ratio, row.language
@@ -367,11 +367,11 @@ def resolve_row(index: int, raw: dict, context: ResolveContext) -> RenderRow:
         try:
             template = context.template_library().get(row.template)
         except UserError as exc:
-            raise _RowErrors([template_error(index, row_id, "template", exc, row.template)]) from None
+            raise RowErrors([template_error(index, row_id, "template", exc, row.template)]) from None
         try:
             prompt = template.render(parse_params(row.params if row.params is not None else {}))
         except UserError as exc:
-            raise _RowErrors([template_error(index, row_id, "params", exc, row.params)]) from None
+            raise RowErrors([template_error(index, row_id, "params", exc, row.params)]) from None
         negative = negative if negative is not None else template.negative_prompt
         aspect_ratio = aspect_ratio or (None if row.width is not None else template.aspect_ratio)
         language = language if "language" in raw else template.language
@@ -392,7 +392,7 @@ def resolve_row(index: int, raw: dict, context: ResolveContext) -> RenderRow:
         if "." in suffix and not row.output_key.endswith(extension(row.format)):
             errors.append(row_error(index, row_id, "output_key", f"extension must match `format` {row.format} ({extension(row.format)})", row.output_key))
     if errors:
-        raise _RowErrors(errors)
+        raise RowErrors(errors)
 
     seed = row.seed if row.seed is not None else derive_seed(context.job_seed, row.id)
     return RenderRow(
@@ -410,8 +410,11 @@ def resolve_row(index: int, raw: dict, context: ResolveContext) -> RenderRow:
     )
 
 
-class _RowErrors(Exception):
+class RowErrors(UserError):
+    """Every problem of one row (one line each)."""
+
     def __init__(self, messages: list[str]):
+        super().__init__("; ".join(messages))
         self.messages = messages
 
 
@@ -468,7 +471,7 @@ def validate_manifest(source: str, context: ResolveContext) -> ManifestSummary:
             id_hashes.append(index ^ 0x5A5A5A5A5A5A)  # no id: reported below, never a duplicate
         try:
             row = resolve_row(index, raw, context)
-        except _RowErrors as exc:
+        except RowErrors as exc:
             add(exc.messages)
             continue
         summary.images += len(row.keys)

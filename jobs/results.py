@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 
 from jobs.ledger import outcome_columns
-from jobs.manifest import COLUMN_TYPES, READ_BATCH_ROWS, ResolveContext, resolve_row
+from jobs.manifest import COLUMN_TYPES, READ_BATCH_ROWS, ResolveContext, RowErrors, resolve_row
 from jobs.plan import JobPlan, open_job_manifest
 from qwen_worker.presets import get_preset
 from qwen_worker.rows import RowResult
@@ -60,6 +60,14 @@ def _record(row, result: RowResult | None, template: str | None) -> dict:
     return record
 
 
+def _unresolved(index: int, raw: dict):
+    from qwen_worker.rows import RenderRow
+
+    return RenderRow(row_index=index, id=str(raw.get("id") or ""), prompt=raw.get("prompt") or "",
+                     negative_prompt=raw.get("negative_prompt") or "", width=0, height=0, steps=0,
+                     true_cfg_scale=0.0, seed=0, keys=())
+
+
 def write_results(store: Store, plan: JobPlan, ledger: dict[int, RowResult], template_dirs=()) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -76,7 +84,10 @@ def write_results(store: Store, plan: JobPlan, ledger: dict[int, RowResult], tem
         for batch in parquet_file.iter_batches(batch_size=READ_BATCH_ROWS):
             records = []
             for raw in batch.to_pylist():
-                row = resolve_row(index, {k: v for k, v in raw.items() if v is not None}, context)
+                try:
+                    row = resolve_row(index, {k: v for k, v in raw.items() if v is not None}, context)
+                except RowErrors:  # failed as a row error (its ledger entry says why)
+                    row = _unresolved(index, raw)
                 records.append(_record(row, ledger.get(index), raw.get("template")))
                 index += 1
             columns = {name: pa.array([r[name] for r in records], type=type_) for name, type_ in ours}

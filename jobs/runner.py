@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from jobs.ledger import read_ledger, write_shard_ledger
-from jobs.manifest import ResolveContext, iter_raw_rows, resolve_row
+from jobs.manifest import ResolveContext, RowErrors, iter_raw_rows, resolve_row
 from jobs.plan import JobPlan, open_job_manifest
 from jobs.pool import BUSY, IDLE, LOST, NOT_READY, QUARANTINED, RECOVERING, STARTING, WorkerSlot, record_workers, start_workers
 from jobs.progress import ProgressBar, ProgressFile
@@ -77,6 +77,7 @@ class ShardWork:
     ready_at: float = 0.0
     look_first: bool = False  # a retry or a second copy: check the store before rendering
     avoid: frozenset = frozenset()  # workers whose worker error sent these rows back
+    unresolved: list = field(default_factory=list)  # (row index, id, error) of rows that cannot be rendered
 
 
 class _ShardState:
@@ -97,12 +98,25 @@ class _ShardState:
 def connect_ray(address: str | None = None) -> bool:
     """Connect to Ray: an existing cluster (`address`), the one this process already joined, or a new
     local single-node instance. Returns True when this call started Ray (so it should shut it down)."""
+    from jobs.ray_auth import auth_problem, enable_token_auth_for_driver
+
+    if address:
+        enable_token_auth_for_driver()  # before Ray is imported, where possible
     import ray
 
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        try:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        except Exception as exc:
+            problem = auth_problem(exc, address)
+            if problem is not None:
+                raise problem from None
+            raise QwenBatchError(
+                f"cannot connect to the Ray cluster at {address} ({_first_line(exc)}); check that it is running and "
+                "reachable from here (with token authentication, the token must be set here too)"
+            ) from None
     else:
         ray.init(address="local", logging_level="WARNING", include_dashboard=True, dashboard_host="127.0.0.1")
     return True
@@ -114,13 +128,17 @@ def plan_work(plan: JobPlan, context: ResolveContext, ledger: dict[int, RowResul
     shard_rows: list[RenderRow] = []
     current = 0
 
+    unresolved: list = []
+
     def flush(shard_index: int, rows: list[RenderRow]):
         start, stop = plan.shard_range(shard_index)
-        if not rows:  # every row of the shard is done: its ledger file is already written
+        if not rows and not unresolved:  # every row of the shard is done: its ledger file is already written
             return None
         known = {i: ledger[i] for i in range(start, stop) if i in ledger and ledger[i].status is RowStatus.DONE}
         states[shard_index] = _ShardState(set(range(start, stop)), known)
-        return ShardWork(shard_index, rows)
+        work = ShardWork(shard_index, rows, unresolved=list(unresolved))
+        unresolved.clear()
+        return work
 
     for index, raw in iter_raw_rows(parquet_file):
         shard_index = plan.shard_of_row(index)
@@ -131,7 +149,10 @@ def plan_work(plan: JobPlan, context: ResolveContext, ledger: dict[int, RowResul
             current, shard_rows = shard_index, []
         done = index in ledger and ledger[index].status is RowStatus.DONE
         if not done:
-            shard_rows.append(resolve_row(index, raw, context))
+            try:
+                shard_rows.append(resolve_row(index, raw, context))
+            except RowErrors as exc:  # e.g. a template changed since validation: this row fails, not the job
+                unresolved.append((index, raw.get("id", ""), str(exc)))
     work = flush(current, shard_rows)
     if work:
         yield work
@@ -244,14 +265,25 @@ class _Driver:
             if work.ready_at <= now and (slot.name not in work.avoid or usable <= work.avoid):
                 return work
             self.retry_queue.append(work)
-        if self.manifest_read:
-            return None
-        work = next(self.fresh_work, None)
-        if work is None:
-            self.manifest_read = True
-        else:
-            self.add_copies(work)
-        return work
+        while not self.manifest_read:
+            work = next(self.fresh_work, None)
+            if work is None:
+                self.manifest_read = True
+                return None
+            self.fail_unresolved(work)
+            if work.rows:
+                self.add_copies(work)
+                return work
+        return None
+
+    def fail_unresolved(self, work: ShardWork) -> None:
+        """Rows of a fresh shard that could not even be resolved fail now, as row errors."""
+        for row_index, row_id, error in work.unresolved:
+            row = RenderRow(row_index=row_index, id=str(row_id), prompt="", negative_prompt="", width=0, height=0,
+                            steps=0, true_cfg_scale=0.0, seed=0, keys=())
+            result = _failed(row, error)
+            result.error_kind = ErrorKind.ROW.value
+            self.settle(work, row, result)
 
     def add_copies(self, work: ShardWork) -> None:
         state = self.states[work.shard_index]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from jobs.ledger import read_ledger
 from jobs.manifest import ResolveContext, validate_manifest
-from jobs.plan import JobPlan, claim_job, file_sha256, make_job_id, manifest_copy_key, now_utc, versions
+from jobs.plan import JOB_RECORD_KEY, JobPlan, claim_job, file_sha256, make_job_id, manifest_copy_key, now_utc, versions
 from jobs.report import write_report
 from jobs.results import write_results
 from jobs.runner import JobOutcome, RunOptions, run_job
@@ -27,6 +27,7 @@ class PreparedJob:
     store: Store
     resumed: bool
     lease: object = None  # the DriverLease held on the output (hold_lease=True), released by the caller
+    busy: str | None = None  # allow_busy: another driver runs this job now (what the lease says)
 
 
 def output_key_uri(output: str, key: str) -> str:
@@ -45,11 +46,13 @@ def prepare_job(
     template_dirs: tuple[str, ...] = (),
     options: dict | None = None,
     hold_lease: bool = False,
+    allow_busy: bool = False,
 ) -> PreparedJob:
     """Validate the manifest (before anything is written or loaded), take the output's driver
     lease, then claim the output: a new job writes job.json and a copy of a local manifest; the
     same job again is a resume. With `hold_lease` the lease is kept (in PreparedJob.lease) for the
-    run; otherwise it is released once the output is claimed."""
+    run; otherwise it is released once the output is claimed. With `allow_busy`, a live driver of
+    this same job is no error: the job as it stands is returned with `busy` saying who runs it."""
     from jobs.lease import DriverLease
 
     preset = get_preset(model)
@@ -59,7 +62,12 @@ def prepare_job(
     manifest_sha256 = file_sha256(manifest)
     in_place = manifest.startswith("s3://")
     job_id = make_job_id(manifest_sha256, model, seed, store.uri)
-    lease = DriverLease(store, job_id).acquire()
+    try:
+        lease = DriverLease(store, job_id).acquire()
+    except JobBusyError as busy:
+        if not (allow_busy and busy.job_id == job_id):
+            raise
+        return PreparedJob(JobPlan.from_json(store.get(JOB_RECORD_KEY)), store, True, busy=str(busy))
     try:
         prepared = _claim(store, manifest, manifest_sha256, in_place, job_id, model, seed, summary.rows, shard_size,
                           options, overwrite=overwrite, resume_anyway=resume_anyway)
@@ -143,15 +151,27 @@ def submit_job(
     offload: str = "auto",
     device: str = "auto",
     job_id: str | None = None,
+    shared_fs: bool = False,
     echo=None,
 ) -> JobOutcome:
-    """Run a whole job in the foreground and return its outcome."""
+    """Run a whole job in the foreground and return its outcome. With a cluster `address` (its GCS,
+    host:6379 or ray://…) the driver runs here and the workers on the cluster; a local `output` is
+    then refused unless every node is this machine or `shared_fs` says every node mounts it."""
     echo = echo or (lambda text: print(text, file=sys.stderr))
     from qwen_worker.loading import check_device_options
 
     check_device_options(device, offload)
     if address is None:
         check_local_gpu(get_preset(model), device)
+    elif not output.startswith("s3://") and not shared_fs:
+        import ray
+
+        from jobs.cluster_jobs import check_output_reachable
+        from jobs.runner import connect_ray
+
+        connect_ray(address)  # before anything is written
+        ips = [node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")]
+        check_output_reachable(output, ips, shared_fs=shared_fs, address=address)
     options = {"batch_size": batch_size or "auto", "max_attempts": max_attempts, "offload": offload, "device": device}
     if job_id:
         options["run_id"] = job_id

@@ -45,4 +45,8 @@ class WorkerError(SystemError_):
 
 
 class JobBusyError(SystemError_):
-    """Another driver holds this job's output (its lease is alive)."""
+    """Another driver holds this job's output (its lease is alive); `job_id` is the job it runs."""
+
+    def __init__(self, message: str, job_id: str | None = None):
+        super().__init__(message)
+        self.job_id = job_id

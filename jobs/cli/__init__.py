@@ -57,6 +57,29 @@ def cli():
     """
 
 
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or "(no message)"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _write_trace() -> str:
+    """Write the current exception's traceback to a file in the temp dir; its path."""
+    import os
+    import tempfile
+    import time
+    import traceback
+
+    directory = os.path.join(tempfile.gettempdir(), "qwen-batch-errors")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+        with open(path, "w") as f:
+            f.write(f"qwen-batch {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
+        return path
+    except OSError:
+        return "nowhere: the temp dir is not writable"
+
+
 def main(argv=None):
     """Console entry point: user mistakes and known failures print one line, no traceback."""
     try:
@@ -73,5 +96,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         click.echo("interrupted: finished rows are stored; run the same submit again to resume", err=True)
         sys.exit(130)
+    except Exception as exc:  # a bug or a failure nobody foresaw: one line, the trace in a file
+        click.echo(f"error: unexpected {type(exc).__name__}: {_one_line(exc)} (full trace in {_write_trace()}; "
+                   "stored rows are kept, run the same command again to resume)", err=True)
+        sys.exit(4)
     # commands return their exit code (an int) or None for success
     sys.exit(exit_code if isinstance(exit_code, int) else 0)

@@ -12,7 +12,7 @@ templates_option = click.option(
     "--templates",
     "template_dirs",
     multiple=True,
-    type=click.Path(exists=True, file_okay=False),
+    type=click.Path(exists=True, file_okay=False, resolve_path=True),
     help="Extra directory of prompt templates (repeatable); overrides built-ins of the same name.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")

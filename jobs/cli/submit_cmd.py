@@ -23,9 +23,14 @@ from jobs.cli.options import BatchSize, model_option, templates_option
 @click.option("--device", default="auto", show_default=True, help="auto|cuda|cpu: cpu renders a real model on CPU workers (very slow).")
 @click.option("--wait", is_flag=True, help="With a Ray Jobs address (http://head:8265): follow the job until it ends.")
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+@click.option("--shared-fs", is_flag=True,
+              help="A local --output is on a filesystem every cluster node mounts at the same path.")
+@click.option("--forward-env", multiple=True, metavar="NAME",
+              help="With a Ray Jobs address: send this (non-secret) environment variable to the job; "
+                   "by default the cluster's own settings apply. Repeatable.")
 @templates_option
 def submit(manifest, output, model, workers, shard_size, batch_size, seed, max_attempts, overwrite, resume_anyway,
-           address, model_dir, offload, device, wait, no_progress, template_dirs):
+           address, model_dir, offload, device, wait, no_progress, shared_fs, forward_env, template_dirs):
     """Render every row of MANIFEST into --output, each image exactly once.
 
     Without --address or RAY_ADDRESS it runs in the foreground on a local Ray instance. With a
@@ -37,6 +42,8 @@ def submit(manifest, output, model, workers, shard_size, batch_size, seed, max_a
     echo = lambda text: click.echo(text, err=True)  # noqa: E731
     from jobs.cluster_jobs import is_jobs_api_address
 
+    if forward_env and not is_jobs_api_address(address):
+        raise click.UsageError("--forward-env only applies with a Ray Jobs address (--address http://head:8265)")
     if is_jobs_api_address(address):
         from jobs.cluster_jobs import submit_to_cluster
 
@@ -44,6 +51,7 @@ def submit(manifest, output, model, workers, shard_size, batch_size, seed, max_a
             manifest, output, address=address, model=model, seed=seed, shard_size=shard_size, workers=workers,
             batch_size=batch_size, max_attempts=max_attempts, overwrite=overwrite, resume_anyway=resume_anyway,
             template_dirs=template_dirs, model_dir=model_dir, offload=offload, device=device, wait=wait, echo=echo,
+            shared_fs=shared_fs, forward_env=forward_env,
         )
     from jobs.submit_api import submit_job
 
@@ -52,12 +60,16 @@ def submit(manifest, output, model, workers, shard_size, batch_size, seed, max_a
         max_attempts=max_attempts, overwrite=overwrite, resume_anyway=resume_anyway,
         address=address, show_progress=not no_progress,
         template_dirs=template_dirs, model_dir=model_dir, offload=offload, device=device, echo=echo,
+        shared_fs=shared_fs,
     )
     click.echo(
         f"job {outcome.job_id}: {outcome.done}/{outcome.total} rows stored "
         f"({outcome.rendered} rendered now, {outcome.skipped} already done), {outcome.failed} failed"
     )
     click.echo(f"images: {outcome.output.rstrip('/')}/images/   gallery: {outcome.output.rstrip('/')}/report.html")
+    if outcome.not_ready or outcome.quarantined:
+        click.echo(f"{len(outcome.not_ready)} worker(s) were not ready and {len(outcome.quarantined)} quarantined "
+                   f"(see above; job.json lists them)", err=True)
     if outcome.failed:
         shown = ", ".join(outcome.failed_ids[:10]) + (" …" if len(outcome.failed_ids) > 10 else "")
         click.echo(

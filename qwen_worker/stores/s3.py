@@ -43,6 +43,8 @@ _WHAT_TO_FIX = {
     "unreachable": "cannot reach the S3 endpoint: check AWS_ENDPOINT_URL and that the server is running",
     "NoCredentials": "no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE",
     "ProfileNotFound": "AWS_PROFILE names a profile that is not in the AWS config files",
+    "CredentialRetrievalError": "S3 credentials could not be fetched here (a credential process, SSO session or "
+    "instance/pod role failed or expired)",
 }
 _HTTP_STATUS_CODES = {"404": "NoSuchBucket", "403": "AccessDenied"}  # HEAD responses have no error body
 
@@ -207,10 +209,18 @@ class S3Store(Store):
 
     def _user_error(self, exc: BaseException, what: str) -> StoreAccessError | None:
         """A one-line StoreAccessError naming the destination and what to fix; never a secret value."""
-        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError, ProfileNotFound
+        from botocore.exceptions import (
+            ClientError,
+            CredentialRetrievalError,
+            NoCredentialsError,
+            PartialCredentialsError,
+            ProfileNotFound,
+        )
 
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
             code = hint_key = "NoCredentials"
+        elif isinstance(exc, CredentialRetrievalError):
+            code = hint_key = "CredentialRetrievalError"
         elif isinstance(exc, ProfileNotFound):
             code = hint_key = "ProfileNotFound"
         elif _is_unreachable(exc):

@@ -158,3 +158,20 @@ def test_storage_user_errors_are_one_clear_line_without_secrets(s3_bucket, write
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     for secret in (os.environ["AWS_SECRET_ACCESS_KEY"], "not-the-secret-123"):
         assert secret not in err
+
+
+def test_an_s3_manifest_is_pinned_to_the_version_the_job_started_with(ray_session, s3_bucket, write_manifest):
+    from jobs.runner import RunOptions, run_job
+    from jobs.submit_api import prepare_job
+    from qwen_worker.errors import UserError
+
+    store = S3Store(s3_bucket.rsplit("/", 1)[0] + "/in")
+    store.put("manifest.parquet", Path(write_manifest(tiny_rows(3), name="v1.parquet")).read_bytes())
+    manifest = f"{store.uri}/manifest.parquet"
+    prepared = prepare_job(manifest, s3_bucket, model="tiny", shard_size=2)
+    assert prepared.plan.manifest_version == store.etag("manifest.parquet")
+    store.put("manifest.parquet", Path(write_manifest(tiny_rows(5, prefix="v2"), name="v2.parquet")).read_bytes())
+
+    with pytest.raises(UserError, match=r"manifest\.parquet changed while this job was reading it \(ETag no longer"):
+        run_job(prepared.plan, prepared.store, RunOptions(show_progress=False))
+    assert s3_images(s3_bucket) == {}  # nothing of the other version was rendered
