@@ -22,10 +22,16 @@ LEASE_KEY = "_lease.json"
 DEFAULT_TTL_S = 30.0
 
 
+CLAIM_WAIT_S = 20.0  # how long a driver waits out a submit that holds the lease only to claim the output
+
+
 class DriverLease:
-    def __init__(self, store, job_id: str, *, ttl_s: float = DEFAULT_TTL_S, clock=time.time):
+    def __init__(self, store, job_id: str, *, ttl_s: float = DEFAULT_TTL_S, clock=time.time, purpose: str = "run"):
+        """`purpose`: "run" for a driver that renders, "claim" for a submit that only claims the
+        output (a cluster submit); a driver finding a claim waits for it instead of giving up."""
         self.store, self.job_id, self.ttl_s, self.clock = store, job_id, ttl_s, clock
-        self.holder = {"driver": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "job_id": job_id}
+        self.holder = {"driver": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(), "job_id": job_id,
+                       "purpose": purpose}
         self.version: str | None = None
         self.lost = False  # set when another driver took the lease over (ours had expired)
         self._stop = threading.Event()
@@ -37,7 +43,8 @@ class DriverLease:
 
     def acquire(self) -> "DriverLease":
         """Take the lease, or raise JobBusyError naming the live holder."""
-        for _ in range(5):
+        claim_deadline = time.monotonic() + CLAIM_WAIT_S
+        for _ in range(5 + int(CLAIM_WAIT_S / 0.25)):
             try:
                 data, version = self.store.get_versioned(LEASE_KEY)
             except KeyError:
@@ -47,6 +54,9 @@ class DriverLease:
                 continue
             current = _parse(data)
             if current and not self._expired(current):
+                if current.get("purpose") == "claim" and time.monotonic() < claim_deadline:
+                    time.sleep(0.25)  # a submit claiming the output: it lets go within a second
+                    continue
                 raise JobBusyError(self._busy_message(current), job_id=current.get("job_id"))
             version = self.store.put_versioned(LEASE_KEY, self._record(), expected=version)
             if version:

@@ -63,7 +63,7 @@ def prepare_job(
     in_place = manifest.startswith("s3://")
     job_id = make_job_id(manifest_sha256, model, seed, store.uri)
     try:
-        lease = DriverLease(store, job_id).acquire()
+        lease = DriverLease(store, job_id, purpose="run" if hold_lease else "claim").acquire()
     except JobBusyError as busy:
         if not (allow_busy and busy.job_id == job_id):
             raise

@@ -71,3 +71,13 @@ def test_compare_and_swap_writes_never_both_win(store):
     second = store.put_versioned("job.json", b"three", expected=first)
     assert second and store.put_versioned("job.json", b"four", expected=first) is None
     assert store.get_versioned("job.json") == (b"three", second)
+
+
+def test_a_driver_waits_out_a_submit_that_only_claims_the_output(store):
+    import threading
+
+    claim = DriverLease(store, "qb-000000000005", purpose="claim").acquire()
+    threading.Timer(0.6, claim.release).start()
+    started = time.monotonic()
+    with DriverLease(store, "qb-000000000005"):  # the cluster-side driver of an earlier submit
+        assert 0.5 < time.monotonic() - started < 10
