@@ -134,6 +134,17 @@ def tiny_pipe():
     return build_tiny_pipeline(seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_pipe_fp32():
+    """The tiny pipeline in float32: numerics quiet enough to compare algorithms (batched vs one
+    by one) within one 8-bit level; BF16 (the default, like the real models) differs by a few."""
+    import torch
+
+    from qwen_worker.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(seed=0, dtype=torch.float32)
+
+
 @pytest.fixture
 def write_manifest(tmp_path):
     """Factory: write_manifest(rows, name=..., **write_options) -> path of a Parquet manifest."""

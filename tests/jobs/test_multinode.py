@@ -115,12 +115,13 @@ def test_a_node_lost_mid_job_loses_no_row_and_stores_each_image_once(cluster, dr
 
 def test_a_worker_whose_credentials_expire_mid_job_is_quarantined(cluster, driver_env, s3_server, s3_bucket,
                                                                   write_manifest, tmp_path):
-    revoked = tmp_path / "revoked"
+    revoked, calls = tmp_path / "revoked", tmp_path / "calls"
     process_script = tmp_path / "credentials.py"
     process_script.write_text(
         "import datetime, json, os, sys\n"
         f"if os.path.exists({str(revoked)!r}):\n"
         "    sys.exit('credentials revoked')\n"
+        f"open({str(calls)!r}, 'a').write('.')\n"
         "expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)\n"  # always refreshed
         f"print(json.dumps({{'Version': 1, 'AccessKeyId': {s3_server.access_key!r}, "
         f"'SecretAccessKey': {s3_server.secret_key!r}, 'Expiration': expires.isoformat()}}))\n")
@@ -133,6 +134,10 @@ def test_a_worker_whose_credentials_expire_mid_job_is_quarantined(cluster, drive
         process = submit(cluster, driver_env, write_manifest(rows), s3_bucket, "--workers", "3", "--shard-size", "2",
                          "--batch-size", "1")
         wait_for_images(s3_server, s3_bucket, 2, process)
+        deadline = time.monotonic() + 120
+        while not calls.exists() or len(calls.read_text()) < 12:  # that node's worker is ready and has stored
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
         revoked.touch()  # the session or role behind that node's credentials ends
         _out, err = process.communicate(timeout=300)
     finally:
@@ -140,7 +145,7 @@ def test_a_worker_whose_credentials_expire_mid_job_is_quarantined(cluster, drive
 
     assert process.returncode == 0, err
     quarantined = [line for line in err.splitlines() if "is quarantined for the rest of the job" in line]
-    assert len(quarantined) == 1 and "3 worker errors in a row" in quarantined[0]
+    assert len(quarantined) == 1 and "3 worker errors in a row" in quarantined[0], err
     assert "credentials could not be fetched" in quarantined[0]
     results, job = results_and_job(s3_server, s3_bucket)
     assert results.column("status").to_pylist() == ["done"] * 80  # a credential error never fails a row

@@ -45,7 +45,8 @@ def test_same_seed_same_bytes_across_pipeline_builds(tiny_pipe):
     assert first != other_seed
 
 
-def test_micro_batched_output_equals_one_by_one(tiny_pipe):
+def test_micro_batched_output_equals_one_by_one(tiny_pipe_fp32):
+    tiny_pipe = tiny_pipe_fp32
     rows = [make_row(0, "a short prompt"), make_row(1, "a much longer prompt about a bilingual 旅游 指南 page"), make_row(2, "menu")]
     tasks = [ImageTask(row, 0) for row in rows]
     batched = render_batch(tiny_pipe, tasks)
