@@ -63,6 +63,18 @@ def parse_params(value: Any) -> dict:
     Raises TemplateError("params must be a JSON object, got: …") for anything else
     (a JSON list, a number, invalid JSON, None).
     """
+    if type(value) is str:
+        try:
+            parsed = json.loads(value, parse_constant=_reject_constant)
+        except RecursionError:
+            raise TemplateError(f"params must be a JSON object nested less deeply, got: {_show(value)}") from None
+        except ValueError:
+            parsed = None
+        if type(parsed) is dict:
+            return parsed
+        raise TemplateError(f"params must be a JSON object, got: {_show(value)}")
+    if type(value) is dict:
+        return value
     if isinstance(value, Mapping):
         return dict(value)
     if isinstance(value, (bytes, bytearray)):
@@ -70,11 +82,17 @@ def parse_params(value: Any) -> dict:
     if isinstance(value, str):
         try:
             parsed = json.loads(value, parse_constant=_reject_constant)
+        except RecursionError:
+            raise TemplateError(f"params must be a JSON object nested less deeply, got: {_show(value)}") from None
         except ValueError:
             parsed = None
         if isinstance(parsed, dict):
             return parsed
     raise TemplateError(f"params must be a JSON object, got: {_show(value)}")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _reject_constant(name: str):
@@ -116,25 +134,48 @@ def quoted(value: Any, style: str = "en") -> str:
     return f"{_KEEP_OPEN}{opening}{value}{closing}{_KEEP_CLOSE}"
 
 
+_QUOTED_SPLIT = re.compile(f"({_KEEP_OPEN}[^{_KEEP_CLOSE}]*{_KEEP_CLOSE})")
+
+
 def _tidy(text: str) -> str:
     """Collapse the template's own whitespace: runs become one space, and disappear at the ends
     and between two CJK characters (YAML folds lines with a space, which Chinese does not use).
     Quoted text (between the markers) is kept byte for byte."""
+    pieces = _QUOTED_SPLIT.split(text) if _KEEP_OPEN in text else [text]  # odd pieces: quoted, with markers
+    out: list[str] = []
+    last = ""  # the last character written
+    pending_space = False  # whitespace seen since then
+    for i, piece in enumerate(pieces):
+        if i % 2:  # quoted: verbatim
+            body = piece[1:-1]
+            if pending_space and last and body and not (_is_cjk(last) and _is_cjk(body[0])):
+                out.append(" ")
+            if body:
+                out.append(body)
+                last = body[-1]
+            pending_space = False
+            continue
+        words = piece.split()
+        if not words:
+            pending_space = pending_space or bool(piece)
+            continue
+        space = pending_space or piece[0].isspace()
+        for word in words:
+            if space and last and not (_is_cjk(last) and _is_cjk(word[0])):
+                out.append(" ")
+            out.append(word)
+            last = word[-1]
+            space = True
+        pending_space = piece[-1].isspace()
+    return "".join(out)
 
-    def neighbour(index: int, step: int) -> str:
-        while 0 <= index < len(text) and text[index] in (_KEEP_OPEN, _KEEP_CLOSE):
-            index += step
-        return text[index] if 0 <= index < len(text) else ""
 
-    def replace(match: re.Match) -> str:
-        if match.group(1):
-            return match.group(1)
-        before, after = neighbour(match.start() - 1, -1), neighbour(match.end(), 1)
-        if not before or not after or (_CJK_RE.match(before) and _CJK_RE.match(after)):
-            return ""
-        return " "
-
-    return _TIDY_RE.sub(replace, text).replace(_KEEP_OPEN, "").replace(_KEEP_CLOSE, "")
+def _is_cjk(c: str) -> bool:
+    """Whether a space next to `c` on both sides may go (the characters _CJK_RE matches)."""
+    if c < "\u201c":
+        return False
+    return (c <= "\u201d") or ("\u2e80" <= c <= "\u9fff") or ("\uf900" <= c <= "\ufaff") or (
+        "\ufe30" <= c <= "\ufe4f") or ("\uff00" <= c <= "\uffef")
 
 
 def _make_environment() -> jinja2.Environment:
@@ -150,6 +191,7 @@ def _make_environment() -> jinja2.Environment:
 
 
 _ENV = _make_environment()
+_GLOBALS = dict(_ENV.globals)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +222,7 @@ class Template:
     params: Mapping[str, Param]
     prompt: str  # the Jinja2 source
     source: str = ""  # the file it came from
+    sha256: str = ""  # of the file's text: a job's identity includes the templates its rows use
     _compiled: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -199,27 +242,28 @@ class Template:
         """The params with defaults filled in; TemplateError naming the broken rule otherwise."""
         given = parse_params(params)
         where = f"template '{self.name}'"
-        unknown = [k for k in given if k not in self.params]
-        if unknown:
+        if not given.keys() <= self.params.keys():
+            unknown = [k for k in given if k not in self.params]
             raise TemplateError(
                 f"{where}: unknown param(s) {_ticks(unknown)} (expected: {_ticks(self.params) or 'none'})"
             )
-        missing = [p.name for p in self.params.values() if p.required and given.get(p.name) is None]
+        missing = [name for name, param in self.params.items() if param.required and given.get(name) is None]
         if missing:
             raise TemplateError(f"{where}: missing param(s) {_ticks(missing)}")
         values = {}
-        for p in self.params.values():
-            value = given.get(p.name)
+        for name, param in self.params.items():
+            value = given.get(name)
             if value is None:
-                value = p.default
-            problem = _value_problem(p.name, value)
-            if problem:
-                raise TemplateError(f"{where}: {problem}")
-            if p.required and isinstance(value, str) and not value.strip():
-                raise TemplateError(f"{where}: param `{p.name}` is required and must not be empty")
-            if isinstance(value, str) and (_KEEP_OPEN in value or _KEEP_CLOSE in value):
-                raise TemplateError(f"{where}: param `{p.name}` contains a reserved character (U+E000 or U+E001)")
-            values[p.name] = value
+                value = param.default
+            kind = type(value)
+            if kind is str:
+                if param.required and not value.strip():
+                    raise TemplateError(f"{where}: param `{name}` is required and must not be empty")
+                if _KEEP_OPEN in value or _KEEP_CLOSE in value:
+                    raise TemplateError(f"{where}: param `{name}` contains a reserved character (U+E000 or U+E001)")
+            elif kind is not int and kind is not float or not math.isfinite(value):
+                raise TemplateError(f"{where}: {_value_problem(name, value)}")
+            values[name] = value
         return values
 
     def render(self, params: Any) -> str:
@@ -227,10 +271,15 @@ class Template:
 
         The template's own whitespace is tidied (see `_tidy`); quoted text is never altered."""
         values = self.check_params(params)
-        try:
-            return _tidy(self._compiled.render(values))
+        compiled = self._compiled
+        try:  # what Template.render does, without copying the globals into a new dict per call
+            return _tidy("".join(compiled.root_render_func(compiled.new_context({**_GLOBALS, **values}, shared=True))))
         except jinja2.TemplateError as exc:
-            raise TemplateError(f"template '{self.name}' ({self.source}): {exc}") from None
+            raise TemplateError(f"template '{self.name}' ({self.source}): {_one_line(exc)}") from None
+        except Exception as exc:  # a filter that fails on this value, e.g. round("twelve")
+            raise TemplateError(
+                f"template '{self.name}' ({self.source}) cannot render these params: {type(exc).__name__}: {_one_line(exc)}"
+            ) from None
 
     def row_defaults(self) -> dict:
         """Manifest columns a row rendered from this template gets unless it sets them."""
@@ -344,11 +393,15 @@ def _template_from_mapping(data: Any, source: str) -> Template:
 
 
 def load_template_file(path: str | Path) -> Template:
+    import dataclasses
+    import hashlib
+
     from jobs.yaml_files import read_yaml
 
     path = Path(path)
     data = read_yaml(path, "template", TemplateError)
-    return _template_from_mapping(data, str(path))
+    template = _template_from_mapping(data, str(path))
+    return dataclasses.replace(template, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 # ---------------------------------------------------------------------------------------------

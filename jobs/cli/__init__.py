@@ -90,8 +90,12 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # one line, like every other error
+        command = exc.ctx.command_path if exc.ctx is not None else "qwen-batch"
+        click.echo(f"error: {_one_line(exc.format_message())} (see `{command} --help`)", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {_one_line(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted: finished rows are stored; run the same submit again to resume", err=True)

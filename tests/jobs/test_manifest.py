@@ -174,12 +174,12 @@ def test_template_rows_resolve_and_bad_ones_name_the_field(write_manifest):
 def test_text_to_draw_reaches_the_prompt_verbatim_in_quotes(write_manifest):
     import json
 
-    from jobs.manifest import iter_raw_rows, open_parquet, resolve_row
+    from jobs.manifest import iter_resolved, open_parquet, render_rows
 
     params = {"product_name": "云雾绿茶 Cloud Tea", "product": "a tea caddy", "price": "¥39.9", "slogan": "“春”天"}
     path = write_manifest([{"id": "a", "template": "product-poster", "params": json.dumps(params, ensure_ascii=False)}])
-    [(index, raw)] = list(iter_raw_rows(open_parquet(path)))
-    row = resolve_row(index, raw, REAL)
+    [resolved] = list(iter_resolved(open_parquet(path), path, REAL))
+    [row] = render_rows(resolved, [0])
     assert "“云雾绿茶 Cloud Tea”" in row.prompt and "“¥39.9”" in row.prompt
     assert row.prompt.endswith(", 超清，4K，电影级构图.")
     assert row.negative_prompt.startswith("模糊")

@@ -1,0 +1,273 @@
+"""Image keys, and the checks that no two rows write the same file on any real file system.
+
+Keys are built on whole columns (`images/<output_key or id>[-n].<ext>`). Uniqueness is checked
+in memory linear in rows: every id and key is kept as an 8-byte hash (computed with numpy over
+the Arrow buffers), plus the hash of each key's lower-case form and of each of its folders; one
+sort finds the candidates at the end, and a second pass over four columns confirms them with the
+real strings (a hash collision is never reported). Three rules:
+
+- two rows must not have the same id, nor write the same key;
+- two keys must not differ only in letter case (`A.png` / `a.png` are one file on case-insensitive
+  file systems and the S3 gateways in front of them);
+- a key must not be a folder of another key (`x.png` and `x.png/y.png`: a file and a directory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from jobs.manifest.rules import EXTENSIONS, format_value, row_error, who
+
+_MULTIPLIER = np.uint64(0x100000001B3)
+_LENGTH_MIX = np.uint64(0x9E3779B97F4A7C15)
+_POWERS = np.cumprod(np.concatenate([[np.uint64(1)], np.full(4095, _MULTIPLIER, dtype=np.uint64)])).astype(np.uint64)
+
+
+def _buffers(array):
+    """(offsets int64 relative to the data, data uint8) of a string array without nulls."""
+    import pyarrow as pa
+
+    if pa.types.is_large_string(array.type):
+        width, kind = 8, np.int64
+    else:
+        array = array.cast(pa.string())
+        width, kind = 4, np.int32
+    offsets = np.frombuffer(array.buffers()[1], dtype=kind, count=len(array) + 1, offset=array.offset * width)
+    data = array.buffers()[2]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)
+    return offsets.astype(np.int64), data
+
+
+def _prefix_sums(array):
+    """(starts, ends, C): string i's bytes are data[starts[i]:ends[i]] and its polynomial hash
+    is C[ends[i]] - C[starts[i]] (uint64, wrapping), weights by position within the string."""
+    import pyarrow.compute as pc
+
+    array = pc.fill_null(array, "")
+    offsets, data = _buffers(array)
+    base, total = offsets[0], offsets[-1] - offsets[0]
+    starts, ends = offsets[:-1] - base, offsets[1:] - base
+    lengths = ends - starts
+    if lengths.size and lengths.max() >= len(_POWERS):
+        raise ValueError("string too long to hash")  # ids are <= 128 and keys <= ~560 characters
+    segment = data[base: base + total].astype(np.uint64)
+    position = np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
+    sums = np.concatenate([[np.uint64(0)], np.cumsum(segment * _POWERS[position], dtype=np.uint64)])
+    return starts, ends, sums, segment
+
+
+def _finish(poly: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    return (poly ^ (lengths.astype(np.uint64) * _LENGTH_MIX)).view(np.int64)
+
+
+def string_hashes(array) -> np.ndarray:
+    """An 8-byte hash of each string (int64); equal strings have equal hashes."""
+    starts, ends, sums, _segment = _prefix_sums(array)
+    with np.errstate(over="ignore"):
+        return _finish(sums[ends] - sums[starts], ends - starts)
+
+
+def hashes_and_folders(array, skip_first: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(hash of each string, hash of each of its folders, the string each folder is of). Folders
+    are the parts before each '/', but the first `skip_first` ('images/' is every key's)."""
+    starts, ends, sums, segment = _prefix_sums(array)
+    with np.errstate(over="ignore"):
+        full = _finish(sums[ends] - sums[starts], ends - starts)
+    slashes = np.flatnonzero(segment == ord("/"))
+    owner = np.searchsorted(starts, slashes, side="right") - 1
+    if skip_first:
+        counts = np.zeros(len(slashes), dtype=np.int64)
+        if len(slashes):  # rank of each slash within its string
+            first_of_owner = np.searchsorted(owner, owner, side="left")
+            counts = np.arange(len(slashes)) - first_of_owner
+        keep = counts >= skip_first
+        slashes, owner = slashes[keep], owner[keep]
+    with np.errstate(over="ignore"):
+        return full, _finish(sums[slashes] - sums[starts[owner]], slashes - starts[owner]), owner
+
+
+# --------------------------------------------------------------------------------------------
+# keys
+
+
+def image_keys_array(ids, output_key, fmt, num_images: np.ndarray):
+    """list<string>: the object keys of each row's images, relative to the output root."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = len(ids)
+    ext = pa.nulls(n, pa.string())
+    stem = output_key
+    for name, extension in EXTENSIONS.items():
+        is_format = pc.equal(fmt, name)
+        ext = pc.if_else(is_format, extension, ext)
+        strip = pc.and_(is_format, pc.ends_with(output_key, pattern=extension))
+        stem = pc.if_else(strip, pc.utf8_slice_codeunits(output_key, 0, -len(extension)), stem)
+    stem = pc.coalesce(stem, ids, "")
+    ext = pc.fill_null(ext, ".png")
+    counts = np.clip(num_images, 1, 8).astype(np.int64)
+    repeat = np.repeat(np.arange(n), counts)
+    starts = np.cumsum(counts) - counts
+    position = np.arange(len(repeat)) - np.repeat(starts, counts)
+    multi = pa.array(np.repeat(counts > 1, counts))
+    suffix = pc.if_else(multi, pc.binary_join_element_wise("-", pc.cast(pa.array(position), pa.string()), ""), "")
+    take = pa.array(repeat)
+    flat = pc.binary_join_element_wise("images/", stem.take(take), suffix, ext.take(take), "")
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, flat)
+
+
+def row_keys(row_id: str, output_key: str | None, fmt: str | None, num_images: int | None) -> list[str]:
+    """The keys of one row (the same rule as image_keys_array, for a handful of rows)."""
+    import pyarrow as pa
+
+    keys = image_keys_array(pa.array([row_id]), pa.array([output_key], pa.string()), pa.array([fmt or "png"]),
+                            np.array([num_images or 1]))
+    return keys[0].as_py()
+
+
+# --------------------------------------------------------------------------------------------
+# uniqueness
+
+
+@dataclass
+class KeyIndex:
+    """Hashes of every id and key seen, by row, for the checks at the end."""
+
+    id_hash: list = field(default_factory=list)
+    id_row: list = field(default_factory=list)
+    key_hash: list = field(default_factory=list)
+    lower_hash: list = field(default_factory=list)
+    key_row: list = field(default_factory=list)
+    folder_hash: list = field(default_factory=list)
+    folder_row: list = field(default_factory=list)
+
+    def add(self, resolved) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        rows = np.arange(resolved.start, resolved.start + resolved.size, dtype=np.int64)
+        has_id = np.asarray(resolved.ids.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        self.id_hash.append(string_hashes(resolved.ids.filter(pa.array(has_id))))
+        self.id_row.append(rows[has_id].astype(np.int32))
+        keys = resolved.keys.filter(pa.array(resolved.valid))
+        key_rows = np.repeat(rows[resolved.valid], np.asarray(pc.list_value_length(keys).to_numpy(zero_copy_only=False),
+                                                             dtype=np.int64))
+        flat = keys.flatten()
+        lower = pc.utf8_lower(flat)
+        self.key_hash.append(string_hashes(flat))
+        lower_hashes, folders, owner = hashes_and_folders(lower)
+        self.lower_hash.append(lower_hashes)
+        self.key_row.append(key_rows.astype(np.int32))
+        self.folder_hash.append(folders)
+        self.folder_row.append(key_rows[owner].astype(np.int32))
+
+    def candidates(self) -> tuple[dict, set[int]]:
+        """Groups of rows whose hashes repeat, by check, and every row they name."""
+        def cat(name: str, dtype=np.int64, keep: bool = False):
+            parts = getattr(self, name)
+            joined = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
+            if not keep:
+                setattr(self, name, [])  # each list is read once: free it as it goes
+            return joined
+
+        groups = {"id": _repeated(cat("id_hash"), cat("id_row", np.int32))}
+        key_rows = cat("key_row", np.int32)
+        groups["key"] = _repeated(cat("key_hash"), key_rows)
+        lower = cat("lower_hash")
+        groups["case"] = _repeated(lower, key_rows)
+        folders, folder_rows = cat("folder_hash"), cat("folder_row", np.int32)
+        order = np.argsort(lower, kind="stable")
+        sorted_lower = lower[order]
+        hits = np.zeros(0, dtype=np.int64)
+        if len(folders) and len(sorted_lower):
+            at = np.minimum(np.searchsorted(sorted_lower, folders), len(sorted_lower) - 1)
+            hits = np.flatnonzero(sorted_lower[at] == folders)
+        pairs = []
+        for index in hits:
+            low, high = np.searchsorted(sorted_lower, folders[index], "left"), np.searchsorted(sorted_lower, folders[index], "right")
+            for position in range(low, high):
+                pairs.append((int(folder_rows[index]), int(key_rows[order[position]])))
+        groups["folder"] = pairs
+        rows = {r for check in ("id", "key", "case") for group in groups[check] for r in group}
+        rows.update(r for pair in pairs for r in pair)
+        return groups, rows
+
+
+def _repeated(hashes: np.ndarray, rows: np.ndarray) -> list[list[int]]:
+    """Row groups sharing a hash (each sorted), from one sort: linear in rows for any repetition."""
+    if len(hashes) < 2:
+        return []
+    order = np.argsort(hashes, kind="stable")  # rows were added in ascending order: they stay so
+    hashes, rows = hashes[order], rows[order]
+    repeats = np.flatnonzero(hashes[1:] == hashes[:-1])
+    if not len(repeats):
+        return []
+    boundary = np.flatnonzero(hashes[1:] != hashes[:-1]) + 1
+    starts = np.concatenate([[0], boundary])
+    ends = np.concatenate([boundary, [len(hashes)]])
+    big = np.flatnonzero(ends - starts > 1)
+    return [rows[starts[g]:ends[g]].tolist() for g in big]
+
+
+def collision_errors(groups: dict, strings: dict[int, tuple[str | None, list[str]]]) -> list[tuple[int, str]]:
+    """(row, message) for every confirmed collision. `strings`: row -> (id, keys) of the rows the
+    candidate groups name."""
+    errors: list[tuple[int, str]] = []
+    for group in groups["id"]:
+        by_id: dict[str, int] = {}
+        for row in group:  # rows ascending
+            row_id = strings[row][0]
+            if row_id in by_id:
+                errors.append((row, row_error(row, row_id, "id", f"must be unique (row {by_id[row_id]} has it too)", row_id)))
+            else:
+                by_id[row_id] = row
+    reported = {row for row, _ in errors}
+    seen_pairs: set[tuple[int, int]] = set()
+    for group in groups["key"]:
+        first_by_key: dict[str, int] = {}
+        for row in dict.fromkeys(group):
+            row_id, keys = strings[row]
+            for key in keys:
+                first = first_by_key.setdefault(key, row)
+                if first == row or (first, row) in seen_pairs:
+                    continue
+                seen_pairs.add((first, row))
+                if strings[first][0] != row_id:  # rows sharing an id are reported as duplicate ids
+                    errors.append((row, row_error(row, row_id, "output_key",
+                                                  f"must not repeat an image key of row {first} (id {strings[first][0]!r})",
+                                                  key)))
+    for group in groups["case"]:
+        first_by_lower: dict[str, tuple[int, str]] = {}
+        for row in dict.fromkeys(group):
+            row_id, keys = strings[row]
+            for key in keys:
+                first, first_key = first_by_lower.setdefault(key.lower(), (row, key))
+                if first == row or first_key == key or (first, row) in seen_pairs:
+                    continue
+                seen_pairs.add((first, row))
+                errors.append((row, row_error(
+                    row, row_id, "output_key",
+                    f"must not differ only in letter case from {first_key!r} of row {first} (id {strings[first][0]!r}): "
+                    "case-insensitive file systems and S3 gateways store them as one file", key)))
+    for folder_row, key_row in groups["folder"]:
+        if folder_row == key_row:
+            continue
+        folder_keys, keys = strings[folder_row][1], strings[key_row][1]
+        for inner in folder_keys:
+            for key in keys:
+                if inner.lower().startswith(key.lower() + "/"):
+                    later, earlier = max(folder_row, key_row), min(folder_row, key_row)
+                    if (earlier, later) in seen_pairs:
+                        continue
+                    seen_pairs.add((earlier, later))
+                    file_row, dir_row = key_row, folder_row
+                    message = (f"{who(later, strings[later][0])}: `output_key` must not put a file where row {earlier} "
+                               f"(id {strings[earlier][0]!r}) needs a folder or the reverse: row {file_row} writes "
+                               f"{format_value(key)} and row {dir_row} writes {format_value(inner)} inside it, "
+                               f"got: {format_value(inner if later == dir_row else key)}")
+                    errors.append((later, message))
+    del reported
+    return errors
