@@ -1,22 +1,35 @@
-"""The ledger: per-shard Parquet files of finished rows, the job's source of truth for resume.
+"""The ledger: Parquet files of finished rows, the job's source of truth for resume.
 
 `_ledger/shard-NNNNN.parquet` holds the results of every row of one shard once all of them have
-settled (stored, or failed for good). Each record carries the job id, so a ledger left by another
-job in the same output is never mistaken for ours.
+settled (stored, or failed for good). As a job runs, the driver compacts finished shard files
+into `_ledger/segment-<time>-<id>.parquet` (one per COMPACT_EVERY shards), so a 1M-row job keeps
+about 500 files instead of 31,000; files are fetched in parallel. A row in several files (a shard
+re-run after a resume, a compaction cut short) counts as the newest: shard files are newer than
+segments, later segments newer than earlier ones. Each record carries the job id, so a ledger left
+by another job in the same output is never mistaken for ours.
 """
 
 from __future__ import annotations
 
 import io
+import time
+import uuid
+
+import numpy as np
 
 from qwen_worker.rows import RowResult, RowStatus
 from qwen_worker.stores import Store
 
 LEDGER_PREFIX = "_ledger/"
+COMPACT_EVERY = 64  # finished shard files per segment
 
 
 def ledger_key(shard_index: int) -> str:
     return f"{LEDGER_PREFIX}shard-{shard_index:05d}.parquet"
+
+
+def segment_key() -> str:
+    return f"{LEDGER_PREFIX}segment-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
 
 
 def outcome_columns() -> list:
@@ -30,10 +43,11 @@ def outcome_columns() -> list:
         ("rendered", pa.bool_()),
         ("worker", pa.string()),
         ("error", pa.string()),
+        ("error_kind", pa.string()),
     ]
 
 
-def _schema():
+def ledger_schema():
     import pyarrow as pa
 
     return pa.schema(
@@ -47,42 +61,119 @@ def _schema():
             ("sha256", pa.list_(pa.string())),
             ("seed", pa.int64()),
             *outcome_columns(),
-            ("error_kind", pa.string()),
         ]
     )
 
 
-def write_shard_ledger(store: Store, job_id: str, shard_index: int, results: list[RowResult]) -> None:
+def shard_table(job_id: str, shard_index: int, results: list[RowResult]):
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     records = []
     for result in sorted(results, key=lambda r: r.row_index):
         record = result.to_record()
         record.update(job_id=job_id, shard=shard_index)
         records.append(record)
-    table = pa.Table.from_pylist(records, schema=_schema())
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    store.put(ledger_key(shard_index), buffer.getvalue())
+    return pa.Table.from_pylist(records, schema=ledger_schema())
 
 
-def read_ledger(store: Store, job_id: str) -> dict[int, RowResult]:
-    """Every ledger record of `job_id`, by row index."""
+def _parquet_bytes(table) -> bytes:
     import pyarrow.parquet as pq
 
-    results: dict[int, RowResult] = {}
-    for key in sorted(store.list_keys(LEDGER_PREFIX)):
-        if not key.endswith(".parquet"):
-            continue
-        for record in pq.read_table(io.BytesIO(store.get(key))).to_pylist():
-            if record["job_id"] == job_id:
-                results[record["row_index"]] = RowResult.from_record(record)
-    return results
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
 
 
-def count_by_status(ledger: dict[int, RowResult]) -> dict[str, int]:
-    counts = {status.value: 0 for status in RowStatus}
-    for result in ledger.values():
-        counts[result.status.value] += 1
-    return counts
+def write_shard_ledger(store: Store, job_id: str, shard_index: int, results: list[RowResult]):
+    """Write one finished shard's file; returns its table (for compaction)."""
+    table = shard_table(job_id, shard_index, results)
+    store.put(ledger_key(shard_index), _parquet_bytes(table))
+    return table
+
+
+def compact(store: Store, written: list[tuple[int, object]]) -> None:
+    """Merge finished shard files (index, table) into one segment, then delete them. A crash in
+    between leaves both, which reads the same."""
+    import pyarrow as pa
+
+    if not written:
+        return
+    store.put(segment_key(), _parquet_bytes(pa.concat_tables([table for _index, table in written])))
+    for shard_index, _table in written:
+        store.delete(ledger_key(shard_index))
+
+
+class Ledger:
+    """Every ledger record of one job, one per row (the newest), as an Arrow table sorted by row."""
+
+    def __init__(self, table):
+        self.table = table
+        self.rows = np.asarray(table.column("row_index").to_numpy(zero_copy_only=False), dtype=np.int64)
+        self.status = np.asarray(table.column("status").to_numpy(zero_copy_only=False))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def done_mask(self, total: int) -> np.ndarray:
+        mask = np.zeros(total, dtype=bool)
+        done = self.rows[(self.status == RowStatus.DONE.value) & (self.rows < total)]
+        mask[done] = True
+        return mask
+
+    def counts(self) -> dict[str, int]:
+        values, counts = np.unique(self.status.astype(str), return_counts=True)
+        found = dict(zip(values.tolist(), counts.tolist()))
+        return {status.value: int(found.get(status.value, 0)) for status in RowStatus}
+
+    def positions(self, row_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in the table, found) for each row index."""
+        positions = np.searchsorted(self.rows, row_indices)
+        positions = np.minimum(positions, max(len(self.rows) - 1, 0))
+        found = (self.rows[positions] == row_indices) if len(self.rows) else np.zeros(len(row_indices), dtype=bool)
+        return positions, found
+
+    def results(self, start: int, stop: int, *, status: RowStatus | None = None) -> dict[int, RowResult]:
+        """RowResults of the rows in [start, stop) (of one status), by row index."""
+        low, high = np.searchsorted(self.rows, start), np.searchsorted(self.rows, stop)
+        found = {}
+        for record in self.table.slice(low, high - low).to_pylist():
+            if status is None or record["status"] == status.value:
+                found[record["row_index"]] = RowResult.from_record(record)
+        return found
+
+    def failed_rows(self) -> list[dict]:
+        import pyarrow.compute as pc
+
+        failed = self.table.filter(pc.equal(self.table.column("status"), RowStatus.FAILED.value))
+        return [{"row_index": r["row_index"], "id": r["id"], "error": r["error"]}
+                for r in failed.select(["row_index", "id", "error"]).to_pylist()]
+
+
+def read_ledger(store: Store, job_id: str) -> Ledger:
+    """Every ledger record of `job_id` (files fetched in parallel), the newest per row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    keys = [key for key in store.list_keys(LEDGER_PREFIX) if key.endswith(".parquet")]
+    segments = sorted(key for key in keys if key.rsplit("/", 1)[-1].startswith("segment-"))
+    shards = sorted(key for key in keys if key.rsplit("/", 1)[-1].startswith("shard-"))
+    schema = ledger_schema()
+    tables = []
+    for _key, data in store.get_many(segments + shards):
+        table = pq.read_table(io.BytesIO(data))
+        table = table.select([name for name in schema.names if name in table.column_names])
+        for name in schema.names:  # files of an older version lack newer columns
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(len(table), schema.field(name).type))
+        tables.append(table.select(schema.names).cast(schema))
+    if not tables:
+        return Ledger(schema.empty_table())
+    table = pa.concat_tables(tables)
+    table = table.filter(pc.equal(table.column("job_id"), job_id))
+    table = table.append_column("_order", pa.array(np.arange(len(table), dtype=np.int64)))
+    table = table.sort_by([("row_index", "ascending"), ("_order", "descending")])
+    rows = np.asarray(table.column("row_index").to_numpy(zero_copy_only=False))
+    first = np.ones(len(rows), dtype=bool)
+    first[1:] = rows[1:] != rows[:-1]  # the newest record of each row comes first
+    return Ledger(table.filter(pa.array(first)).drop_columns(["_order"]))

@@ -1,24 +1,29 @@
 """results.parquet: one row per manifest row, merged from the ledger at the end of a job.
 
-Written by streaming the manifest batch by batch; columns the manifest has that qwen-batch does
-not know are carried through unchanged (same Arrow type).
+Written streaming, batch by batch, on whole columns: the manifest's resolved columns, joined with
+the ledger by row index. Columns the manifest has that qwen-batch does not know are carried
+through unchanged (same Arrow type, never converted); one named like a result column (`status`,
+`error`, `keys`, ...) is carried as `manifest.<name>`, so the two never collide.
 """
 
 from __future__ import annotations
 
 import io
 
-from jobs.ledger import outcome_columns
-from jobs.manifest import COLUMN_TYPES, READ_BATCH_ROWS, ResolveContext, RowErrors, resolve_row
+import numpy as np
+
+from jobs.ledger import Ledger, outcome_columns
+from jobs.manifest import COLUMN_TYPES, ResolveContext, iter_resolved
+from jobs.manifest.read import iter_batches
 from jobs.plan import JobPlan, open_job_manifest
 from qwen_worker.presets import get_preset
-from qwen_worker.rows import RowResult
 from qwen_worker.stores import Store
 
 RESULTS_KEY = "results.parquet"
+PASSTHROUGH_PREFIX = "manifest."
 
 
-def _result_schema():
+def result_schema():
     import pyarrow as pa
 
     return [
@@ -39,61 +44,74 @@ def _result_schema():
     ]
 
 
-def _record(row, result: RowResult | None, template: str | None) -> dict:
-    record = {
-        "id": row.id,
-        "status": result.status.value if result else "pending",
-        "keys": list(row.keys),
-        "sha256": result.sha256 if result else [],
-        "seed": row.seed,
-        "width": row.width,
-        "height": row.height,
-        "steps": row.steps,
-        "true_cfg_scale": row.true_cfg_scale,
-        "format": row.format,
-        "prompt": row.prompt,
-        "negative_prompt": row.negative_prompt,
-        "template": template,
-    }
-    for name, _type in outcome_columns():
-        record[name] = getattr(result, name) if result else None
-    return record
+def passthrough_names(names: list[str]) -> dict[str, str]:
+    """Manifest column -> its name in results.parquet, for the columns qwen-batch passes through."""
+    ours = {name for name, _type in result_schema()}
+    renamed = {}
+    for name in names:
+        if name in COLUMN_TYPES:
+            continue
+        target = name
+        while target in ours or target in renamed.values():
+            target = PASSTHROUGH_PREFIX + target
+        renamed[name] = target
+    return renamed
 
 
-def _unresolved(index: int, raw: dict):
-    from qwen_worker.rows import RenderRow
-
-    return RenderRow(row_index=index, id=str(raw.get("id") or ""), prompt=raw.get("prompt") or "",
-                     negative_prompt=raw.get("negative_prompt") or "", width=0, height=0, steps=0,
-                     true_cfg_scale=0.0, seed=0, keys=())
-
-
-def write_results(store: Store, plan: JobPlan, ledger: dict[int, RowResult], template_dirs=()) -> None:
+def write_results(store: Store, plan: JobPlan, ledger: Ledger, template_dirs=()) -> None:
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     parquet_file = open_job_manifest(plan, store)
-    names = parquet_file.schema_arrow.names
-    passthrough = [name for name in names if name not in COLUMN_TYPES]
-    ours = _result_schema()
-    schema = pa.schema(ours + [parquet_file.schema_arrow.field(name) for name in passthrough])
+    manifest_schema = parquet_file.schema_arrow
+    renamed = passthrough_names(manifest_schema.names)
+    ours = result_schema()
+    schema = pa.schema(ours + [manifest_schema.field(name).with_name(target) for name, target in renamed.items()])
     context = ResolveContext(preset=get_preset(plan.model), job_seed=plan.seed, template_dirs=tuple(template_dirs))
+    passthrough = iter_batches(parquet_file, plan.manifest, columns=list(renamed)) if renamed else None
+    ledger_table = ledger.table
     buffer = io.BytesIO()
     with pq.ParquetWriter(buffer, schema) as writer:
-        index = 0
-        for batch in parquet_file.iter_batches(batch_size=READ_BATCH_ROWS):
-            records = []
-            for raw in batch.to_pylist():
-                try:
-                    row = resolve_row(index, {k: v for k, v in raw.items() if v is not None}, context)
-                except RowErrors:  # failed as a row error (its ledger entry says why)
-                    row = _unresolved(index, raw)
-                records.append(_record(row, ledger.get(index), raw.get("template")))
-                index += 1
-            columns = {name: pa.array([r[name] for r in records], type=type_) for name, type_ in ours}
-            for name in passthrough:
-                columns[name] = batch.column(name)
-            writer.write_table(pa.table(columns, schema=schema))
+        for resolved in iter_resolved(parquet_file, plan.manifest, context):
+            rows = np.arange(resolved.start, resolved.start + resolved.size, dtype=np.int64)
+            positions, found = ledger.positions(rows)
+            settled = ledger_table.take(pa.array(positions)) if len(ledger_table) else None
+            found_mask = pa.array(found)
+
+            def from_ledger(name, fallback, type_):
+                if settled is None:
+                    return pa.array(fallback, type=type_) if fallback is not None else pa.nulls(resolved.size, type_)
+                values = settled.column(name).combine_chunks().cast(type_)
+                fallback = fallback if fallback is not None else pa.nulls(resolved.size, type_)
+                return pc.if_else(found_mask, values, pa.array(fallback, type=type_) if not isinstance(fallback, pa.Array)
+                                  else fallback.cast(type_))
+
+            valid = pa.array(resolved.valid)
+            columns = {
+                "id": resolved.ids,
+                "status": from_ledger("status", pa.array(["pending"] * resolved.size), pa.string()),
+                "keys": pc.if_else(found_mask, settled.column("keys").combine_chunks(), resolved.keys)
+                if settled is not None else resolved.keys,
+                "sha256": from_ledger("sha256", pa.array([[]] * resolved.size, pa.list_(pa.string())),
+                                      pa.list_(pa.string())),
+                "seed": from_ledger("seed", pa.array(resolved.seed), pa.int64()),
+                "width": pc.if_else(valid, pa.array(resolved.width, pa.int32()), pa.scalar(None, pa.int32())),
+                "height": pc.if_else(valid, pa.array(resolved.height, pa.int32()), pa.scalar(None, pa.int32())),
+                "steps": pc.if_else(valid, pa.array(resolved.steps, pa.int32()), pa.scalar(None, pa.int32())),
+                "true_cfg_scale": pc.if_else(valid, pa.array(resolved.true_cfg_scale), pa.scalar(None, pa.float64())),
+                "format": resolved.format,
+                "prompt": pc.if_else(valid, resolved.prompt, pa.scalar(None, pa.string())),
+                "negative_prompt": pc.if_else(valid, resolved.negative_prompt, pa.scalar(None, pa.string())),
+                "template": resolved.template,
+            }
+            for name, type_ in outcome_columns():
+                columns[name] = from_ledger(name, None, type_)
+            arrays = [columns[name].cast(type_) for name, type_ in ours]
+            if passthrough is not None:
+                _start, extra = next(passthrough)
+                arrays += [extra.column(name) for name in renamed]
+            writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
     store.put(RESULTS_KEY, buffer.getvalue())
 
 

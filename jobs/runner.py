@@ -17,8 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from jobs.ledger import read_ledger, write_shard_ledger
-from jobs.manifest import ResolveContext, RowErrors, iter_raw_rows, resolve_row
+import numpy as np
+
+from jobs.ledger import COMPACT_EVERY, compact, read_ledger, write_shard_ledger
+from jobs.manifest import ResolveContext, iter_resolved, render_rows, row_messages
 from jobs.plan import JobPlan, open_job_manifest
 from jobs.pool import BUSY, IDLE, LOST, NOT_READY, QUARANTINED, RECOVERING, STARTING, WorkerSlot, record_workers, start_workers
 from jobs.progress import ProgressBar, ProgressFile
@@ -122,40 +124,31 @@ def connect_ray(address: str | None = None) -> bool:
     return True
 
 
-def plan_work(plan: JobPlan, context: ResolveContext, ledger: dict[int, RowResult], states: dict,
+def plan_work(plan: JobPlan, context: ResolveContext, ledger, done: np.ndarray, states: dict,
               parquet_file) -> Iterator[ShardWork]:
-    """Shards with their rows not yet done, streaming the manifest once."""
-    shard_rows: list[RenderRow] = []
-    current = 0
+    """Shards with their rows not yet done, streaming the manifest once (resolved batch by batch)."""
+    pending: dict[int, tuple[list[RenderRow], list]] = {}  # shard -> (rows, unresolved) not yet complete
 
-    unresolved: list = []
-
-    def flush(shard_index: int, rows: list[RenderRow]):
+    def flush(shard_index: int):
+        rows, unresolved = pending.pop(shard_index)
         start, stop = plan.shard_range(shard_index)
-        if not rows and not unresolved:  # every row of the shard is done: its ledger file is already written
-            return None
-        known = {i: ledger[i] for i in range(start, stop) if i in ledger and ledger[i].status is RowStatus.DONE}
+        known = ledger.results(start, stop, status=RowStatus.DONE)
         states[shard_index] = _ShardState(set(range(start, stop)), known)
-        work = ShardWork(shard_index, rows, unresolved=list(unresolved))
-        unresolved.clear()
-        return work
+        return ShardWork(shard_index, rows, unresolved=unresolved)
 
-    for index, raw in iter_raw_rows(parquet_file):
-        shard_index = plan.shard_of_row(index)
-        if shard_index != current:
-            work = flush(current, shard_rows)
-            if work:
-                yield work
-            current, shard_rows = shard_index, []
-        done = index in ledger and ledger[index].status is RowStatus.DONE
-        if not done:
-            try:
-                shard_rows.append(resolve_row(index, raw, context))
-            except RowErrors as exc:  # e.g. a template changed since validation: this row fails, not the job
-                unresolved.append((index, raw.get("id", ""), str(exc)))
-    work = flush(current, shard_rows)
-    if work:
-        yield work
+    for resolved in iter_resolved(parquet_file, plan.manifest, context):
+        todo = ~done[resolved.start: resolved.start + resolved.size]
+        for row in render_rows(resolved, np.flatnonzero(todo & resolved.valid)):
+            pending.setdefault(plan.shard_of_row(row.row_index), ([], []))[0].append(row)
+        for offset in np.flatnonzero(todo & ~resolved.valid):  # e.g. a template changed since validation
+            row_index = resolved.start + int(offset)
+            entry = pending.setdefault(plan.shard_of_row(row_index), ([], []))
+            entry[1].append((row_index, resolved.ids[int(offset)].as_py() or "", "; ".join(row_messages(resolved, int(offset)))))
+        complete_before = plan.shard_of_row(resolved.start + resolved.size)  # shards ending in this batch
+        for shard_index in sorted(s for s in pending if s < complete_before):
+            yield flush(shard_index)
+    for shard_index in sorted(pending):
+        yield flush(shard_index)
 
 
 def run_job(plan: JobPlan, store: Store, options: RunOptions, *, address: str | None = None) -> JobOutcome:
@@ -163,7 +156,8 @@ def run_job(plan: JobPlan, store: Store, options: RunOptions, *, address: str | 
     import ray
 
     ledger = read_ledger(store, plan.job_id)
-    already_done = sum(1 for r in ledger.values() if r.status is RowStatus.DONE)
+    done = ledger.done_mask(plan.rows)
+    already_done = int(done.sum())
     context = ResolveContext(preset=get_preset(plan.model), job_seed=plan.seed, template_dirs=options.template_dirs)
     progress = ProgressBar(plan.rows, already_done=already_done, enabled=options.show_progress)
     outcome = JobOutcome(plan.job_id, plan.output, plan.rows, already_done, 0, 0, already_done)
@@ -185,7 +179,7 @@ def run_job(plan: JobPlan, store: Store, options: RunOptions, *, address: str | 
         if already_done:
             metrics.skipped.inc(already_done, metrics.tags)
         states: dict[int, _ShardState] = {}
-        driver = _Driver(plan, store, options, slots, plan_work(plan, context, ledger, states, parquet_file), states, progress,
+        driver = _Driver(plan, store, options, slots, plan_work(plan, context, ledger, done, states, parquet_file), states, progress,
                          outcome, progress_file, metrics)
         driver.run()
         state = "finished"
@@ -213,6 +207,7 @@ class _Driver:
         self.in_flight: dict = {}  # stream -> (slot, ShardWork, row indices this copy reported)
         self.waiting: dict = {}  # ready() ref -> slot (starting, or restarted by Ray)
         self.speculated: set[int] = set()
+        self.written: list = []  # (shard index, table) of shard files not yet compacted
         self.manifest_read = False
         self.started = time.monotonic()
         self.ever_ready = False
@@ -230,6 +225,7 @@ class _Driver:
                                        self.metrics.tags)
             self.progress_file.write()
             if self.manifest_read and not self.states and not self.retry_queue:
+                self.compact()
                 return  # every row has settled (a straggler's slower copy may still run: it is killed)
             self.check_workers_left()
             refs = list(self.in_flight) + list(self.waiting)
@@ -531,8 +527,19 @@ class _Driver:
             self.progress.update(failed=1)
         self.settle_tentative(work, state)
         if state.complete and work.shard_index in self.states:
-            write_shard_ledger(self.store, self.plan.job_id, work.shard_index, list(state.results.values()))
+            table = write_shard_ledger(self.store, self.plan.job_id, work.shard_index, list(state.results.values()))
             del self.states[work.shard_index]
+            self.written.append((work.shard_index, table))
+            if len(self.written) >= COMPACT_EVERY:
+                self.compact()
+
+    def compact(self) -> None:
+        """Merge the shard files written so far into one segment (bookkeeping: never fatal)."""
+        try:
+            compact(self.store, self.written)
+        except Exception:
+            pass
+        self.written = []
 
     def settle_tentative(self, work: ShardWork, state: _ShardState) -> None:
         """Failures that were waiting for other copies whose copies have all ended."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jobs.ledger import count_by_status, read_ledger
+from jobs.ledger import read_ledger
 from jobs.plan import JOB_RECORD_KEY, JobPlan
 from qwen_worker.errors import UserError
 from qwen_worker.rows import RowStatus
@@ -17,7 +17,7 @@ def job_status(dest: str) -> dict:
         raise UserError(f"no job found in {dest} (it has no {JOB_RECORD_KEY})") from None
     ledger = read_ledger(store, plan.job_id)
     live = _live_progress(store, plan.job_id)
-    counts = count_by_status(ledger)
+    counts = ledger.counts()
     done, failed = counts[RowStatus.DONE.value], counts[RowStatus.FAILED.value]
     return {
         "job_id": plan.job_id,
@@ -29,11 +29,7 @@ def job_status(dest: str) -> dict:
         "failed": failed,
         "pending": plan.rows - done - failed,
         "live": live,
-        "failed_rows": [
-            {"row_index": r.row_index, "id": r.id, "error": r.error}
-            for r in sorted(ledger.values(), key=lambda r: r.row_index)
-            if r.status is RowStatus.FAILED
-        ],
+        "failed_rows": ledger.failed_rows(),
     }
 
 

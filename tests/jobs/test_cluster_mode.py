@@ -11,19 +11,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from helpers import tiny_rows
+from helpers import ledger_rows, tiny_rows
 from jobs.submit_api import submit_job
 
 
 def qwen_batch(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "jobs", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def ledger(output):
-    rows = []
-    for path in sorted(Path(output, "_ledger").glob("shard-*.parquet")):
-        rows.extend(pq.read_table(path).to_pylist())
-    return rows
 
 
 def ray_job_status(dashboard, submission_id):
@@ -79,7 +72,7 @@ def test_cancel_then_resume_renders_no_finished_row_again(ray_dashboard, write_m
                          "--shard-size", "4", "--address", ray_dashboard, "--wait")
     assert resumed.returncode == 0, resumed.stderr
     assert f"as Ray job {job_id}-2" in resumed.stderr
-    records = ledger(output)
+    records = ledger_rows(output)
     assert len(records) == 40 and {r["status"] for r in records} == {"done"}
     assert len(list(output.glob("images/*.png"))) == 40
     logs = qwen_batch("logs", f"{job_id}-2", "--address", ray_dashboard).stdout
@@ -107,7 +100,7 @@ def test_a_worker_killed_mid_shard_loses_only_its_shard(ray_session, write_manif
 
     result = outcome["result"]
     assert (result.done, result.failed) == (24, 0)
-    records = ledger(output)
+    records = ledger_rows(output)
     assert sorted(r["id"] for r in records) == sorted(f"row-{n:03d}" for n in range(24))
     assert max(r["attempts"] for r in records) == 2  # the lost shard's unfinished rows ran again
     assert len(list(output.glob("images/*.png"))) == 24
@@ -120,7 +113,7 @@ def test_a_poison_row_is_marked_failed_after_max_attempts_and_the_rest_complete(
                          show_progress=False, echo=lambda _: None)
 
     assert (outcome.done, outcome.failed, outcome.failed_ids, outcome.exit_code) == (4, 1, ["row-002"], 3)
-    [poison] = [r for r in ledger(output) if r["status"] == "failed"]
+    [poison] = [r for r in ledger_rows(output) if r["status"] == "failed"]
     assert poison["attempts"] == 3
     assert poison["error"].startswith("gave up after 3 attempts: IsADirectoryError")
 
@@ -137,12 +130,13 @@ def test_metrics_are_exported_to_prometheus(ray_session, ray_metrics_port, write
     deadline = time.monotonic() + 60
     while True:
         text = urllib.request.urlopen(f"http://127.0.0.1:{ray_metrics_port}/metrics", timeout=5).read().decode()
-        found = {name for name in wanted if f"ray_{name}" in text}
+        # the session's cluster also holds earlier jobs' series: wait for this job's
+        ours = [line for line in text.splitlines() if f'job_id="{outcome.job_id}"' in line]
+        found = {name for name in wanted if any(line.startswith(f"ray_{name}") for line in ours)}
         if found == wanted or time.monotonic() > deadline:
             break
         time.sleep(2)
     assert found == wanted
-    assert f'job_id="{outcome.job_id}"' in text
 
 
 def test_a_straggler_shard_is_also_given_to_an_idle_worker_and_stored_once(ray_session, write_manifest, tmp_path):
@@ -153,6 +147,6 @@ def test_a_straggler_shard_is_also_given_to_an_idle_worker_and_stored_once(ray_s
                          show_progress=False, echo=lambda _: None)
     assert (outcome.done, outcome.failed) == (10, 0)
     assert outcome.speculative >= 1
-    records = ledger(tmp_path / "out")
+    records = ledger_rows(tmp_path / "out")
     assert sorted(r["id"] for r in records) == sorted(r["id"] for r in rows)
     assert len(list((tmp_path / "out" / "images").iterdir())) == 10

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from helpers import ledger_rows
+
 from jobs.submit_api import submit_job
 from qwen_worker.encode import read_provenance
 
@@ -38,11 +40,6 @@ def images(output):
     return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
 
 
-def ledger(output):
-    rows = []
-    for path in sorted(Path(output, "_ledger").glob("shard-*.parquet")):
-        rows.extend(pq.read_table(path).to_pylist())
-    return rows
 
 
 def test_a_row_rendered_again_in_another_batch_keeps_the_stored_copy_with_its_provenance(
@@ -61,9 +58,9 @@ def test_a_row_rendered_again_in_another_batch_keeps_the_stored_copy_with_its_pr
 
     assert (outcome.done, outcome.failed, outcome.rendered) == (8, 0, 8 - len(differ))
     assert images(target) == alone  # the first copy stays, byte for byte
-    assert {r["status"] for r in ledger(target)} == {"done"}
-    assert {r["id"] for r in ledger(target) if not r["rendered"]} == differ  # kept by their provenance
-    for record in ledger(target):
+    assert {r["status"] for r in ledger_rows(target)} == {"done"}
+    assert {r["id"] for r in ledger_rows(target) if not r["rendered"]} == differ  # kept by their provenance
+    for record in ledger_rows(target):
         assert record["sha256"] == [hashlib.sha256(alone[Path(k).name]).hexdigest() for k in record["keys"]]
 
 
@@ -75,7 +72,7 @@ def test_an_image_of_another_prompt_at_the_key_is_still_a_conflict(ray_session, 
     shutil.copytree(tmp_path / "first" / "images", target / "images")
     outcome = run(write_manifest(rows, name="second.parquet"), target)
     assert (outcome.done, outcome.failed, outcome.failed_ids) == (0, 3, ["row-000", "row-001", "row-002"])
-    assert {r["error_kind"] for r in ledger(target)} == {"row"}  # other manifest sha256: not this job's images
+    assert {r["error_kind"] for r in ledger_rows(target)} == {"row"}  # other manifest sha256: not this job's images
 
 
 def test_s3_answering_409_once_per_key_still_stores_every_row_once(
@@ -143,6 +140,6 @@ def test_two_drivers_of_one_job_render_it_once(ray_session, write_manifest, tmp_
     assert "is already being run in" in loser and "not starting a second one" in loser
     assert len(loser.strip().splitlines()) == 1 and "Traceback" not in loser
     assert len(images(output)) == 16
-    records = ledger(output)
+    records = ledger_rows(output)
     assert len(records) == 16 and all(r["rendered"] for r in records)  # no row rendered twice
     assert not (output / "_lease.json").exists()
