@@ -6,10 +6,12 @@ order. One HTML file with inline CSS and a little vanilla JS (filter by status, 
 is fetched but the images themselves, and a Content-Security-Policy with hashes of the inline
 style and script enforces that (an escaping mistake could not run an injected script).
 
-Image links: relative keys (`images/a.png`) for a local directory, since report.html sits at the
-output root; presigned GET URLs for s3:// outputs (valid `expires` seconds, at most 7 days). A
-presigned URL carries the access key id (not the secret) and, with temporary credentials, the
-session token, and it stops working when they expire.
+Image links: relative keys (`images/a.png`) by default, local directory and S3 alike, since
+report.html sits at the output root beside the images (open it through the same access as the
+images). Presigned GET URLs are an explicit option (`link="presigned"`, s3:// only): a presigned
+URL carries the access key id (not the secret) and, with temporary credentials, the session
+token, and it stops working at the earlier of `expires` and the end of those credentials; the
+report says which of the two it is.
 
 Large jobs: at most `max_cards` cards (failed rows first, so none of them is hidden by the cap);
 the totals always count every row, and results.parquet has the full list.
@@ -31,7 +33,7 @@ from qwen_worker.errors import UserError
 from qwen_worker.stores import Store
 
 REPORT_KEY = "report.html"
-LINK_MODES = ("auto", "relative", "presigned")
+LINK_MODES = ("relative", "presigned")
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # the SigV4 limit
 DEFAULT_MAX_CARDS = 2000
 _READ_BATCH_ROWS = 4096
@@ -46,7 +48,7 @@ _MAX_EXTRA_CHARS = 200
 def write_report(
     store: Store,
     *,
-    link: str = "auto",
+    link: str = "relative",
     expires: int = MAX_PRESIGN_SECONDS,
     max_cards: int = DEFAULT_MAX_CARDS,
 ) -> str:
@@ -59,7 +61,7 @@ def write_report(
 def render_report(
     store: Store,
     *,
-    link: str = "auto",
+    link: str = "relative",
     expires: int = MAX_PRESIGN_SECONDS,
     max_cards: int = DEFAULT_MAX_CARDS,
 ) -> str:
@@ -92,14 +94,22 @@ def _linker(store: Store, link: str, expires: int):
     presign = getattr(store, "presigned_url", None)
     if link == "presigned" and presign is None:
         raise UserError(f"`link` presigned needs an s3:// output, got the local directory {store.uri}")
-    if link == "relative" or (link == "auto" and presign is None):
+    if link == "relative":
         return (lambda key: quote(key, safe="/")), "Images are linked relative to this file."
     if not 1 <= expires <= MAX_PRESIGN_SECONDS:
         raise UserError(
             f"`expires` must be between 1 and {MAX_PRESIGN_SECONDS} seconds (7 days, the S3 limit), got: {expires}"
         )
-    until = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=expires)).strftime("%Y-%m-%d %H:%M UTC")
-    note = f"Image links are presigned URLs, valid until {until} (regenerate with `qwen-batch report`)."
+    requested = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=expires)
+    session_end = getattr(store, "credentials_expiry", lambda: None)()
+    if session_end is not None and session_end < requested:
+        why = "when the temporary credentials that signed them expire"
+        until = session_end
+    else:
+        why = f"{expires} s after they were made"
+        until = requested
+    note = (f"Image links are presigned URLs, valid until {until.strftime('%Y-%m-%d %H:%M UTC')} ({why}; "
+            "regenerate with `qwen-batch report --link presigned`).")
     return (lambda key: presign(key, expires=expires)), note
 
 
@@ -117,7 +127,11 @@ def _scan(data: bytes, max_cards: int):
     rendered, uploaded = [], []
     failed, others = [], []
     for batch in parquet_file.iter_batches(batch_size=_READ_BATCH_ROWS):
-        for row in batch.to_pylist():
+        known = batch.select([name for name in _KNOWN_COLUMNS if name in batch.schema.names])
+        shown = {name: _display_values(batch.column(name)) for name in extra}
+        for offset, row in enumerate(known.to_pylist()):
+            for name in extra:
+                row[name] = shown[name][offset]
             status = row.get("status") or "pending"
             totals["rows"] += 1
             totals[status if status in ("done", "failed") else "pending"] += 1
@@ -135,6 +149,21 @@ def _scan(data: bytes, max_cards: int):
     totals["render_s_mean"] = sum(rendered) / len(rendered) if rendered else None
     totals["upload_s_mean"] = sum(uploaded) / len(uploaded) if uploaded else None
     return totals, failed, others
+
+
+def _display_values(column) -> list:
+    """A pass-through column's values for the cards: as Python where they convert, else as Arrow
+    prints them (timestamps beyond Python's range, odd time zones), else a placeholder."""
+    import pyarrow as pa
+
+    try:
+        return column.to_pylist()
+    except Exception:
+        pass
+    try:
+        return column.cast(pa.string()).to_pylist()
+    except Exception:
+        return ["(not shown)" if valid else None for valid in column.is_valid().to_pylist()]
 
 
 # ------------------------------------------------------------------------------------ HTML

@@ -5,10 +5,11 @@ import click
 @click.argument("dest")
 @click.option(
     "--link",
-    type=click.Choice(["auto", "relative", "presigned"]),
-    default="auto",
+    type=click.Choice(["relative", "presigned"]),
+    default="relative",
     show_default=True,
-    help="How images are linked: relative keys (local directory), presigned URLs (s3://), auto picks by DEST.",
+    help="How images are linked: relative to report.html (it sits beside them), or presigned URLs (s3:// only; "
+         "they carry credential material and expire).",
 )
 @click.option(
     "--expires",
@@ -34,6 +35,6 @@ def report(dest, link, expires, max_cards):
     location = f"{store.uri.rstrip('/')}/{key}"
     click.echo(f"wrote {location}")
     presign = getattr(store, "presigned_url", None)
-    if presign is not None:
+    if presign is not None and link == "presigned":
         click.echo(f"open it at {presign(key, expires=expires)}")
     return 0

@@ -495,6 +495,12 @@ class S3Store(Store):
                 return 412
             raise
 
+    def credentials_expiry(self):
+        """When the credentials in use stop working (temporary ones: a role, SSO), else None."""
+        credentials = self.client._request_signer._credentials
+        expiry = getattr(credentials, "_expiry_time", None)
+        return expiry if expiry is not None and getattr(expiry, "tzinfo", None) is not None else None
+
     def presigned_url(self, key: str, *, expires: int = 7 * 24 * 3600) -> str:
         """A GET URL for `key` valid for `expires` seconds (for reports); needs no network call."""
         return self.client.generate_presigned_url(

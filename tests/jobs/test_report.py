@@ -21,7 +21,7 @@ from helpers import tiny_rows
 from jobs.cli import main as cli_main
 from jobs.plan import JobPlan
 from jobs.report import REPORT_KEY, render_report, write_report
-from jobs.results import _result_schema
+from jobs.results import result_schema as _result_schema
 from jobs.submit_api import submit_job
 from qwen_worker.errors import UserError
 from qwen_worker.stores.s3 import S3Store
@@ -203,7 +203,7 @@ def test_report_refuses_what_it_cannot_do(tmp_path):
         write_report(store_without_results)
     with pytest.raises(UserError, match=r"`link` presigned needs an s3:// output, got the local directory "):
         write_report(store, link="presigned")
-    with pytest.raises(UserError, match=r"`link` must be one of auto, relative, presigned, got: 'http'"):
+    with pytest.raises(UserError, match=r"`link` must be one of relative, presigned, got: 'http'"):
         write_report(store, link="http")
     assert not (tmp_path / "report.html").exists()
 
@@ -227,12 +227,22 @@ def fetch(url):
         return response.read()
 
 
+def test_s3_report_links_images_relative_to_itself_by_default(s3_bucket, s3_env):
+    store = S3Store(s3_bucket)
+    write_job(store, sample_rows())
+    write_report(store)
+    text = store.get(REPORT_KEY).decode()
+    assert [img["src"] for img in Page(text).imgs] == ["images/a-done.png", "images/c-two-0.png", "images/c-two-1.png"]
+    assert "X-Amz-" not in text and os.environ["AWS_ACCESS_KEY_ID"] not in text  # no credential material
+    assert "Images are linked relative to this file." in text
+
+
 def test_s3_report_links_presigned_urls_that_download(s3_bucket, s3_env):
     store = S3Store(s3_bucket)
     rows = sample_rows()
     write_job(store, rows)
 
-    assert write_report(store, expires=3600) == REPORT_KEY
+    assert write_report(store, link="presigned", expires=3600) == REPORT_KEY
     text = store.get(REPORT_KEY).decode()
     page = Page(text)
 
@@ -248,9 +258,9 @@ def test_s3_report_links_presigned_urls_that_download(s3_bucket, s3_env):
         assert query["X-Amz-Expires"] == ["3600"] and query["X-Amz-Signature"]
         assert fetch(source) == stored[key]  # the link really downloads this image
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in text
-    assert "presigned URLs, valid until" in text
+    assert "presigned URLs, valid until" in text and "(3600 s after they were made;" in text
     with pytest.raises(UserError, match=r"`expires` must be between 1 and 604800 seconds .*got: 604801"):
-        write_report(store, expires=604801)
+        write_report(store, link="presigned", expires=604801)
     relative = Page(render_report(store, link="relative"))
     assert [img["src"] for img in relative.imgs] == ["images/a-done.png", "images/c-two-0.png", "images/c-two-1.png"]
 
@@ -258,7 +268,7 @@ def test_s3_report_links_presigned_urls_that_download(s3_bucket, s3_env):
 def test_cli_report_on_s3_prints_a_presigned_link_to_the_report(s3_bucket, capsys):
     write_job(S3Store(s3_bucket), sample_rows())
     with pytest.raises(SystemExit, match="^0$"):
-        cli_main(["report", s3_bucket, "--expires", "600"])
+        cli_main(["report", s3_bucket, "--link", "presigned", "--expires", "600"])
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"wrote {s3_bucket}/report.html"
     assert out[1].startswith("open it at http") and "X-Amz-Expires=600" in out[1]
