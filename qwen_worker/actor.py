@@ -58,6 +58,7 @@ class RenderWorker:
         self.load_s = 0.0
         self.pipe = None
         self.problem: str | None = None  # why this worker cannot work (reported by ready())
+        self.fits: dict[tuple, int] = {}  # shape key -> images per call that fit after an out-of-memory split
         self.preset = get_preset(model)
         from qwen_worker.metrics import WorkerMetrics
 
@@ -118,7 +119,7 @@ class RenderWorker:
             raise WorkerError(self.problem)
         pending = {row.row_index: _RowProgress(row) for row in rows}
         look = look_first or self.check_stored
-        for tasks in micro_batches(rows, batch_size or self.auto_batch_size):
+        for tasks in micro_batches(rows, lambda row: self.images_per_call(row, batch_size)):
             finished = self._render_and_store(tasks, pending, look)
             worker_error = next((r for r in finished if r.error_kind == ErrorKind.WORKER.value), None)
             if worker_error is not None and pending:  # one report: the failed batch and the rest
@@ -143,7 +144,7 @@ class RenderWorker:
         if to_render:
             try:
                 started = time.perf_counter()
-                images = render_splitting_on_oom(self.pipe, to_render)
+                images = render_splitting_on_oom(self.pipe, to_render, self.fits)
                 render_s = (time.perf_counter() - started) / len(to_render)
             except Exception as exc:  # a broken batch fails its rows, the shard goes on
                 if is_fatal_cuda_error(exc):  # a broken CUDA context: let Ray restart this worker
@@ -179,6 +180,12 @@ class RenderWorker:
             if stored is None:
                 raise
             return sha256_hex(stored), False
+
+    def images_per_call(self, row: RenderRow, batch_size: int) -> int:
+        """`batch_size` (0: what this worker's GPU memory fits), capped by what fit after an
+        out-of-memory split of this shape."""
+        size = batch_size or self.auto_batch_size(row)
+        return min(size, self.fits.get(row.shape_key, size))
 
     def auto_batch_size(self, row: RenderRow) -> int:
         """Images of `row`'s shape per pipeline call that fit this worker's offload plan."""

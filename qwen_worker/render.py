@@ -32,7 +32,8 @@ class ImageTask:
 
 def micro_batches(rows: Iterable[RenderRow], batch_size: int | Callable[[RenderRow], int]) -> Iterator[list[ImageTask]]:
     """Images grouped by shape key, in first-seen order, in chunks of at most `batch_size` (a number,
-    or a function of a group's first row: the size that fits that shape).
+    or a function of a group's first row: the size that fits that shape, asked again before each
+    chunk, so what a worker learns from an out-of-memory split applies to the rest of the group).
 
     Deterministic for a given row list, so the same shard renders the same calls everywhere.
     """
@@ -41,9 +42,11 @@ def micro_batches(rows: Iterable[RenderRow], batch_size: int | Callable[[RenderR
         for index in range(len(row.keys)):
             groups.setdefault(row.shape_key, []).append(ImageTask(row, index))
     for tasks in groups.values():
-        size = batch_size(tasks[0].row) if callable(batch_size) else batch_size
-        for start in range(0, len(tasks), size):
+        start = 0
+        while start < len(tasks):
+            size = max(1, batch_size(tasks[0].row) if callable(batch_size) else batch_size)
             yield tasks[start : start + size]
+            start += size
 
 
 def render_batch(pipe, tasks: list[ImageTask]) -> list:
@@ -70,9 +73,11 @@ def render_batch(pipe, tasks: list[ImageTask]) -> list:
 
 
 
-def render_splitting_on_oom(pipe, tasks: list[ImageTask]) -> list:
+def render_splitting_on_oom(pipe, tasks: list[ImageTask], fits: dict | None = None) -> list:
     """render_batch, retrying a batch that runs out of GPU memory as two halves (down to one image);
-    a single image that still does not fit raises."""
+    a single image that still does not fit raises. `fits` (shape key -> images per call) learns
+    the size that fit after a split, so later batches of that shape start there instead of
+    running out of memory first every time."""
     try:
         return render_batch(pipe, tasks)
     except Exception as exc:
@@ -80,7 +85,11 @@ def render_splitting_on_oom(pipe, tasks: list[ImageTask]) -> list:
             raise
     _free_cuda_cache()
     half = len(tasks) // 2
-    return render_splitting_on_oom(pipe, tasks[:half]) + render_splitting_on_oom(pipe, tasks[half:])
+    images = render_splitting_on_oom(pipe, tasks[:half], fits) + render_splitting_on_oom(pipe, tasks[half:], fits)
+    if fits is not None:  # both halves rendered (the larger, tasks[half:], possibly split again)
+        key = tasks[0].row.shape_key
+        fits[key] = min(fits.get(key, len(tasks)), len(tasks) - half)
+    return images
 
 
 def _free_cuda_cache() -> None:

@@ -118,3 +118,16 @@ def test_fatal_cuda_errors_are_told_apart(message, fatal):
     from qwen_worker.failures import is_fatal_cuda_error
 
     assert is_fatal_cuda_error(RuntimeError(message)) is fatal
+
+
+def test_a_worker_remembers_the_batch_size_that_fit_after_an_out_of_memory_split(tiny_pipe, tmp_path):
+    from qwen_worker.actor import RenderWorker
+
+    worker = RenderWorker(model="tiny", output_uri=str(tmp_path / "out"), check_stored=False)
+    worker.pipe = limited = RunsOutOfMemoryAbove(tiny_pipe, 2)
+    rows = [make_row(n, f"prompt {n}") for n in range(12)]
+    results = [result for batch in worker.render_shard(rows, batch_size=4) for result in batch]
+    assert [r.status.value for r in results] == ["done"] * 12
+    # the first batch of 4 runs out of memory and is split; the rest start at the 2 that fit
+    assert limited.calls == [4, 2, 2, 2, 2, 2, 2]
+    assert worker.fits == {rows[0].shape_key: 2}
