@@ -1,7 +1,9 @@
 """Planning a job: its deterministic id, the job.json record at the output root, and its shards.
 
-The job id is a pure function of (manifest sha256, model, seed, output), so the same submit into
-the same output is the same job: running it again resumes it.
+The job id is a pure function of (manifest sha256, model, seed, output, and the sha256 of every
+template the manifest's rows use), so the same submit into the same output is the same job: running
+it again resumes it. A template edited between a run and its resume makes another job (refused in
+that output unless asked), so one job never mixes the prompts of two versions of a template.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class JobPlan:
     created: str = ""
     replaces: str | None = None
     manifest_version: str | None = None  # an s3:// manifest's ETag: every read is pinned to it
+    templates: dict = field(default_factory=dict)  # name -> sha256 of each template the rows use
 
     @property
     def shard_count(self) -> int:
@@ -62,9 +65,18 @@ class JobPlan:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-def make_job_id(manifest_sha256: str, model: str, seed: int, output: str) -> str:
-    digest = hashlib.sha256(f"{manifest_sha256}|{model}|{seed}|{output.rstrip('/')}".encode()).hexdigest()
+def make_job_id(manifest_sha256: str, model: str, seed: int, output: str, templates: dict | None = None) -> str:
+    identity = f"{manifest_sha256}|{model}|{seed}|{output.rstrip('/')}"
+    if templates:  # the templates' text is part of what the job renders
+        identity += "|" + ",".join(f"{name}={sha}" for name, sha in sorted(templates.items()))
+    digest = hashlib.sha256(identity.encode()).hexdigest()
     return f"qb-{digest[:12]}"
+
+
+def _changed_templates(stored: "JobPlan", plan: "JobPlan") -> list[str]:
+    """Names of the templates whose text differs between two plans of the same manifest."""
+    return sorted(name for name in set(stored.templates) | set(plan.templates)
+                  if stored.templates.get(name) != plan.templates.get(name))
 
 
 def file_sha256(source: str) -> str:
@@ -109,6 +121,15 @@ def claim_job(store: Store, plan: JobPlan, *, resume_anyway: bool, overwrite: bo
         if stored.job_id == plan.job_id:
             return stored
         if not (resume_anyway or overwrite):
+            changed = _changed_templates(stored, plan)
+            if changed and (stored.manifest_sha256, stored.model, stored.seed) == (plan.manifest_sha256, plan.model, plan.seed):
+                raise UserError(
+                    f"output {store.uri} holds job {stored.job_id} of this manifest, rendered with another version of "
+                    f"template(s) {', '.join(changed)} (the file changed since; sha256 "
+                    f"{stored.templates.get(changed[0], 'none')[:12]}… then, {plan.templates.get(changed[0], 'none')[:12]}… now): "
+                    "resuming would mix prompts of both versions in one job. Restore the template, use another output, "
+                    "or pass --resume-anyway to keep the images stored there or --overwrite to re-render them"
+                )
             raise UserError(
                 f"output {store.uri} already holds job {stored.job_id} (manifest sha256 "
                 f"{stored.manifest_sha256[:12]}…, model {stored.model}, seed {stored.seed}); this submit is job "

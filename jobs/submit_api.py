@@ -61,7 +61,7 @@ def prepare_job(
     store.check_writable()
     manifest_sha256 = file_sha256(manifest)
     in_place = manifest.startswith("s3://")
-    job_id = make_job_id(manifest_sha256, model, seed, store.uri)
+    job_id = make_job_id(manifest_sha256, model, seed, store.uri, summary.templates_used)
     try:
         lease = DriverLease(store, job_id, purpose="run" if hold_lease else "claim").acquire()
     except JobBusyError as busy:
@@ -70,7 +70,7 @@ def prepare_job(
         return PreparedJob(JobPlan.from_json(store.get(JOB_RECORD_KEY)), store, True, busy=str(busy))
     try:
         prepared = _claim(store, manifest, manifest_sha256, in_place, job_id, model, seed, summary.rows, shard_size,
-                          options, overwrite=overwrite, resume_anyway=resume_anyway)
+                          options, overwrite=overwrite, resume_anyway=resume_anyway, templates=summary.templates_used)
     except BaseException:
         lease.release()
         raise
@@ -82,7 +82,7 @@ def prepare_job(
 
 
 def _claim(store, manifest, manifest_sha256, in_place, job_id, model, seed, rows, shard_size, options, *,
-           overwrite, resume_anyway) -> PreparedJob:
+           overwrite, resume_anyway, templates) -> PreparedJob:
     manifest_version = None
     if in_place:  # an s3:// manifest is read in place, pinned to this version for the whole job
         from jobs.s3_files import s3_object_version
@@ -102,6 +102,7 @@ def _claim(store, manifest, manifest_sha256, in_place, job_id, model, seed, rows
         versions=versions(),
         created=now_utc(),
         manifest_version=manifest_version,
+        templates=dict(templates),
     )
     claimed = claim_job(store, plan, resume_anyway=resume_anyway, overwrite=overwrite)
     resumed = claimed is not plan

@@ -23,8 +23,6 @@ def image_bytes(output):
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-
-
 def test_full_job_stores_every_image_once_with_ledger_and_results(ray_session, write_manifest, tmp_path):
     rows = tiny_rows(10, campaign="spring")
     rows[3].update(num_images=2)
@@ -123,3 +121,25 @@ def test_a_different_manifest_into_the_same_output_is_refused(ray_session, write
     outcome = run(other, output, resume_anyway=True)
     assert (outcome.done, outcome.rendered) == (3, 3)
     assert json.loads((output / "job.json").read_text())["replaces"] is not None
+
+
+def test_a_template_edited_between_a_run_and_its_resume_is_another_job_not_a_mix(ray_session, write_manifest, tmp_path):
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    badge = {"name": "team-badge", "description": "A badge.", "language": "en", "aspect_ratio": "1:1",
+             "negative_prompt": " ", "params": {"title": {"description": "Title.", "required": True, "example": "Hi"}},
+             "prompt": "A badge with the title {{ title | quoted }}."}
+    (templates / "team-badge.yaml").write_text(json.dumps(badge), encoding="utf-8")
+    rows = [{"id": f"b{n}", "template": "team-badge", "params": json.dumps({"title": f"T{n}"}), "width": 32,
+             "height": 32, "steps": 2} for n in range(4)]
+    manifest, output = write_manifest(rows), tmp_path / "out"
+    first = run(manifest, output, template_dirs=(str(templates),))
+    assert (first.done, first.failed) == (4, 0)
+    assert json.loads((output / "job.json").read_text())["templates"] == {
+        "team-badge": hashlib.sha256((templates / "team-badge.yaml").read_bytes()).hexdigest()}
+
+    badge["prompt"] = "A round badge reading {{ title | quoted }}."
+    (templates / "team-badge.yaml").write_text(json.dumps(badge), encoding="utf-8")
+    with pytest.raises(UserError, match=r"rendered with another version of template\(s\) team-badge .*would mix prompts"):
+        run(manifest, output, template_dirs=(str(templates),))
+    assert json.loads((output / "job.json").read_text())["job_id"] == first.job_id  # nothing was replaced
