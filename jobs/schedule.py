@@ -35,10 +35,19 @@ A scheduler that has never run (no state yet) looks back `grace_seconds` only.
 
 Exactly once: every run has an id derived from its entry and fire time
 (`sched-<entry>-<YYYYMMDDTHHMMZ>`, also used as the submission's job id). Before submitting, the
-scheduler claims the run by creating `_schedule/<run_id>.json` in its state store with a
-create-if-absent put; a run already claimed (by another scheduler, or this one before a restart)
-is not submitted again. A scheduler that dies between its claim and its submit leaves a claim with
-status "claimed": that run is not retried by anyone (at most once), and the claim shows it.
+scheduler claims the run by creating `_schedule/<schedule>/<run_id>.json` in its state store with a
+create-if-absent put (the schedule's name in the key: two schedule files sharing a state store and
+an entry name never take each other's runs); a run already claimed (by another scheduler, or this
+one before a restart) is not submitted again. A scheduler that dies between its claim and its
+submit leaves a claim with status "claimed": that run is not retried by anyone (at most once), and
+the claim shows it.
+
+A submit that fails for a transient reason (the cluster or the store unreachable, a system error,
+exit code 4) is retried with backoff, up to MAX_SUBMIT_ATTEMPTS: the claim says "retry" and a
+marker `_schedule/<schedule>/retry/<run_id>.json` lists it; whichever scheduler first takes the
+claim over (a compare-and-swap on it) submits again. The submit stays exactly-once because the job
+id is the run id: a resubmit resumes that job (or finds it already running) instead of starting
+another. A bad manifest or option (exit 1), or rows that failed (exit 3), are not retried.
 """
 
 from __future__ import annotations
@@ -462,10 +471,27 @@ def due_runs(schedule: Schedule, last_checked: datetime | None, now: datetime) -
 # the scheduler loop
 
 CLAIM_PREFIX = "_schedule"
+MAX_SUBMIT_ATTEMPTS = 5
+SUBMIT_RETRY_DELAY_S = 60.0  # doubles with each attempt, at most MAX_SUBMIT_RETRY_DELAY_S
+MAX_SUBMIT_RETRY_DELAY_S = 1800.0
 
 
-def claim_key(run_id: str) -> str:
-    return f"{CLAIM_PREFIX}/{run_id}.json"
+def claim_key(schedule_name: str, run_id: str) -> str:
+    return f"{CLAIM_PREFIX}/{schedule_name}/{run_id}.json"
+
+
+def retry_key(schedule_name: str, run_id: str) -> str:
+    return f"{CLAIM_PREFIX}/{schedule_name}/retry/{run_id}.json"
+
+
+def is_transient_submit_failure(exc: BaseException) -> bool:
+    """A submit that may succeed when tried again: a system error of ours (exit 4: the cluster or
+    the store unreachable, storage 5xx after retries) or the network itself; not a user error."""
+    from qwen_worker.errors import QwenBatchError
+
+    if isinstance(exc, UserError):
+        return False
+    return isinstance(exc, (QwenBatchError, OSError, TimeoutError))
 
 
 def state_key(schedule_name: str) -> str:
@@ -496,10 +522,9 @@ class Scheduler:
     """Submits the due runs of a schedule, each exactly once across restarts and replicas.
 
     `submit(run)` submits one run (returning None or an exit code; non-zero or an exception
-    counts as a failed submit, recorded in the claim and not retried). `state_store` is any
-    object with `put_new(key, data)` (create-if-absent), `put(key, data)` and `get(key)`
-    (KeyError when absent), like qwen_worker.stores.Store. `clock()` returns an aware datetime;
-    `sleep(seconds)` waits.
+    counts as a failed submit, recorded in the claim; a transient one, exit code 4 or a system
+    error, is retried with backoff). `state_store` is a qwen_worker.stores.Store.
+    `clock()` returns an aware datetime; `sleep(seconds)` waits.
     """
 
     def __init__(
@@ -549,13 +574,13 @@ class Scheduler:
         """True when this scheduler now owns `run` (nobody claimed it before)."""
         record = {**run.to_record(), "status": "claimed", "claimed_by": self.owner, "claimed_at": _iso(_utcnow())}
         try:
-            outcome = self.store.put_new(claim_key(run.run_id), _json_bytes(record))
+            outcome = self.store.put_new(claim_key(self.schedule.name, run.run_id), _json_bytes(record))
         except ObjectExistsError:
             return False
         return _outcome_claimed(outcome)
 
     def _record(self, run: PlannedRun, status: str, **extra: Any) -> None:
-        key = claim_key(run.run_id)
+        key = claim_key(self.schedule.name, run.run_id)
         try:
             record = json.loads(self.store.get(key))
         except (KeyError, ValueError):
@@ -565,28 +590,84 @@ class Scheduler:
 
     # the loop ----------------------------------------------------------------------------
     def run_once(self, now: datetime | None = None) -> list[PlannedRun]:
-        """Submit what is due at `now` (default: the clock); returns the runs this call submitted."""
+        """Submit what is due at `now` (default: the clock), and the retries of transiently failed
+        submits whose backoff is over; returns the runs this call submitted."""
         now = _require_aware(now if now is not None else self.clock(), "now")
         submitted = []
         for run in due_runs(self.schedule, self.last_checked(), now):
             if not self.claim(run):
                 log.info("run %s already claimed elsewhere; not submitting", run.run_id)
                 continue
-            log.info("submitting %s: %s -> %s", run.run_id, run.manifest, run.output)
-            try:
-                result = self.submit(run)
-            except Exception as exc:  # a failed submit must not stop the other entries
-                log.error("submit of %s failed: %s", run.run_id, exc)
-                self._record(run, "failed", error=f"{type(exc).__name__}: {exc}")
-                continue
-            if isinstance(result, int) and not isinstance(result, bool) and result != 0:
-                log.error("submit of %s failed with exit code %d", run.run_id, result)
-                self._record(run, "failed", exit_code=result)
-                continue
-            self._record(run, "submitted")
-            submitted.append(run)
+            if self._submit(run, 1, now):
+                submitted.append(run)
+        for run, attempt in self._take_due_retries(now):
+            if self._submit(run, attempt, now):
+                submitted.append(run)
         self._save_last_checked(now)
         return submitted
+
+    def _submit(self, run: PlannedRun, attempt: int, now: datetime) -> bool:
+        """Submit one claimed run; record how it went in its claim. True when submitted."""
+        log.info("submitting %s (attempt %d): %s -> %s", run.run_id, attempt, run.manifest, run.output)
+        try:
+            result = self.submit(run)
+        except Exception as exc:  # a failed submit must not stop the other entries
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("submit of %s failed: %s", run.run_id, error)
+            if is_transient_submit_failure(exc):
+                self._retry_later(run, attempt, now, error=error)
+            else:
+                self._record(run, "failed", error=error, attempts=attempt)
+                self._forget_retry(run)
+            return False
+        if isinstance(result, int) and not isinstance(result, bool) and result != 0:
+            log.error("submit of %s failed with exit code %d", run.run_id, result)
+            if result == 4:  # a system failure stopped it: the same job id resumes it
+                self._retry_later(run, attempt, now, exit_code=result)
+            else:
+                self._record(run, "failed", exit_code=result, attempts=attempt)
+                self._forget_retry(run)
+            return False
+        self._record(run, "submitted", attempts=attempt)
+        self._forget_retry(run)
+        return True
+
+    def _retry_later(self, run: PlannedRun, attempt: int, now: datetime, **why: Any) -> None:
+        if attempt >= MAX_SUBMIT_ATTEMPTS:
+            self._record(run, "failed", attempts=attempt, gave_up=f"after {attempt} attempts", **why)
+            self._forget_retry(run)
+            return
+        delay = min(SUBMIT_RETRY_DELAY_S * 2 ** (attempt - 1), MAX_SUBMIT_RETRY_DELAY_S)
+        next_try = _iso(now + timedelta(seconds=delay))
+        log.warning("will submit %s again at %s (attempt %d of %d)", run.run_id, next_try, attempt + 1,
+                    MAX_SUBMIT_ATTEMPTS)
+        self._record(run, "retry", attempts=attempt, next_try=next_try, **why)
+        self.store.put(retry_key(self.schedule.name, run.run_id), _json_bytes({"run_id": run.run_id,
+                                                                               "next_try": next_try}))
+
+    def _forget_retry(self, run: PlannedRun) -> None:
+        self.store.delete(retry_key(self.schedule.name, run.run_id))
+
+    def _take_due_retries(self, now: datetime) -> list[tuple[PlannedRun, int]]:
+        """Runs waiting for a retry whose time has come and whose claim this scheduler took over
+        (a compare-and-swap: of several schedulers, one retries each run)."""
+        entries = {entry.name: entry for entry in self.schedule.entries}
+        taken = []
+        for key in sorted(self.store.list_keys(f"{CLAIM_PREFIX}/{self.schedule.name}/retry/")):
+            run_id = key.rsplit("/", 1)[-1].removesuffix(".json")
+            try:
+                data, version = self.store.get_versioned(claim_key(self.schedule.name, run_id))
+                record = json.loads(data)
+            except (KeyError, ValueError):
+                continue
+            entry = entries.get(record.get("entry"))
+            if record.get("status") != "retry" or entry is None or _parse_iso(record["next_try"]) > now:
+                continue
+            attempt = int(record.get("attempts", 1)) + 1
+            record.update(status="claimed", claimed_by=self.owner, claimed_at=_iso(_utcnow()), attempts=attempt)
+            if self.store.put_versioned(claim_key(self.schedule.name, run_id), _json_bytes(record), expected=version):
+                taken.append((plan_run(entry, _parse_iso(record["fire_time"])), attempt))
+        return taken
 
     def seconds_until_next(self, now: datetime) -> float:
         upcoming = next_runs(self.schedule, now, 1)
@@ -661,6 +742,7 @@ __all__ = [
     "ScheduleError",
     "Scheduler",
     "claim_key",
+    "retry_key",
     "due_runs",
     "fire_times_after",
     "fire_times_until",

@@ -69,7 +69,9 @@ def run_cmd(file, state, once):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     plan = load_schedule(file)
     check_submit_options(plan, submit_job)
-    scheduler = Scheduler(plan, submit_planned_run, open_store(state))
+    state_store = open_store(state)
+    state_store.check_writable()  # the same write check as an output, before the first claim
+    scheduler = Scheduler(plan, submit_planned_run, state_store)
     if once:
         submitted = scheduler.run_once()
         click.echo(f"submitted {len(submitted)} run(s)" + "".join(f"\n  {r.run_id}" for r in submitted))

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from jobs.cli import cli
 from jobs.schedule import (
     MAX_CATCH_UP,
+    MAX_SUBMIT_ATTEMPTS,
     ScheduleError,
     Scheduler,
     check_submit_options,
@@ -23,10 +24,12 @@ from jobs.schedule import (
     load_schedule,
     next_runs,
     parse_schedule,
+    retry_key,
     run_id_for,
     state_key,
     submit_planned_run,
 )
+from qwen_worker.errors import SystemError_, UserError
 from qwen_worker.stores import LocalStore
 
 UTC = timezone.utc
@@ -307,7 +310,7 @@ def test_two_schedulers_sharing_a_store_submit_a_fire_time_exactly_once(tmp_path
     assert [r.run_id for r in first.run_once(now)] == ["sched-daily-20260302T0600Z"]
     assert second.run_once(now) == []
     assert submitted.ids == ["sched-daily-20260302T0600Z"]
-    claim = json.loads(store.get(claim_key("sched-daily-20260302T0600Z")))
+    claim = json.loads(store.get(claim_key("marketing", "sched-daily-20260302T0600Z")))
     assert claim["status"] == "submitted" and claim["claimed_by"] == first.owner
     assert claim["output"] == "o/2026-03-02/"
 
@@ -359,9 +362,9 @@ def test_a_failed_submit_is_recorded_not_retried_and_does_not_stop_other_entries
     scheduler = Scheduler(plan, submit, store)
     done = scheduler.run_once(utc("2026-03-02T06:00:05Z"))
     assert [r.entry.name for r in done] == ["fine"]
-    broken = json.loads(store.get(claim_key("sched-broken-20260302T0600Z")))
+    broken = json.loads(store.get(claim_key("marketing", "sched-broken-20260302T0600Z")))
     assert broken["status"] == "failed" and broken["error"] == "RuntimeError: cluster unreachable"
-    assert json.loads(store.get(claim_key("sched-exit3-20260302T0600Z")))["exit_code"] == 3
+    assert json.loads(store.get(claim_key("marketing", "sched-exit3-20260302T0600Z")))["exit_code"] == 3
     (tmp_path / state_key("marketing")).unlink()
     scheduler.run_once(utc("2026-03-02T06:00:30Z"))
     assert len(submitted) == 3
@@ -441,3 +444,89 @@ def test_last_checked_never_moves_backwards_for_a_scheduler_with_a_slow_clock(tm
     Scheduler(plan, Recorder(), store).run_once(utc("2026-03-02T07:00Z"))
     Scheduler(plan, Recorder(), store).run_once(utc("2026-03-02T06:30Z"))
     assert json.loads(store.get(state_key("marketing")))["last_checked"] == "2026-03-02T07:00:00Z"
+
+
+def test_two_schedules_with_the_same_entry_name_sharing_a_state_store_both_submit(tmp_path):
+    store = LocalStore(tmp_path)
+    now = utc("2026-03-02T06:00:02Z")
+    marketing, travel = Recorder(), Recorder()
+    Scheduler(schedule_of(DAILY, name="marketing"), marketing, store).run_once(now)
+    Scheduler(schedule_of(DAILY, name="travel"), travel, store).run_once(now)
+    assert marketing.ids == travel.ids == ["sched-daily-20260302T0600Z"]
+    assert json.loads(store.get(claim_key("travel", "sched-daily-20260302T0600Z")))["status"] == "submitted"
+
+
+class FailsFirst:
+    """A submit that fails with `error` (or returns `result`) the first `times` times, then succeeds."""
+
+    def __init__(self, times, error=None, result=None):
+        self.times, self.error, self.result, self.runs = times, error, result, []
+
+    def __call__(self, run):
+        self.runs.append(run.run_id)
+        if len(self.runs) <= self.times:
+            if self.error is not None:
+                raise self.error
+            return self.result
+        return 0
+
+
+@pytest.mark.parametrize("failure", [
+    {"error": SystemError_("cannot connect to the Ray cluster at http://head:8265")},
+    {"error": ConnectionResetError(104, "Connection reset by peer")},
+    {"result": 4},
+])
+def test_a_transiently_failed_submit_is_retried_with_backoff_exactly_once(tmp_path, failure):
+    store = LocalStore(tmp_path)
+    plan = schedule_of(DAILY)
+    submit = FailsFirst(2, **failure)
+    first, second = Scheduler(plan, submit, store), Scheduler(plan, submit, store)
+    run_id = "sched-daily-20260302T0600Z"
+    assert first.run_once(utc("2026-03-02T06:00:02Z")) == []
+    claim = json.loads(store.get(claim_key("marketing", run_id)))
+    assert (claim["status"], claim["attempts"], claim["next_try"]) == ("retry", 1, "2026-03-02T06:01:02Z")
+    assert second.run_once(utc("2026-03-02T06:00:30Z")) == []  # not yet: the backoff is not over
+    assert first.run_once(utc("2026-03-02T06:01:05Z")) == []  # attempt 2 fails too: 2 minutes now
+    assert json.loads(store.get(claim_key("marketing", run_id)))["next_try"] == "2026-03-02T06:03:05Z"
+    assert [r.run_id for r in second.run_once(utc("2026-03-02T06:03:10Z"))] == [run_id]
+    assert first.run_once(utc("2026-03-02T06:10Z")) == [] and second.run_once(utc("2026-03-02T06:10Z")) == []
+    assert submit.runs == [run_id] * 3  # the same run id each time: the job resumes, never doubles
+    claim = json.loads(store.get(claim_key("marketing", run_id)))
+    assert (claim["status"], claim["attempts"], claim["claimed_by"]) == ("submitted", 3, second.owner)
+    assert not (tmp_path / retry_key("marketing", run_id)).exists()
+
+
+def test_a_submit_that_keeps_failing_transiently_gives_up_after_max_attempts(tmp_path):
+    store = LocalStore(tmp_path)
+    submit = FailsFirst(100, result=4)
+    scheduler = Scheduler(schedule_of(DAILY), submit, store)
+    now = utc("2026-03-02T06:00:02Z")
+    for _ in range(MAX_SUBMIT_ATTEMPTS + 3):
+        scheduler.run_once(now)
+        now += timedelta(hours=1)
+    assert len(submit.runs) == MAX_SUBMIT_ATTEMPTS
+    claim = json.loads(store.get(claim_key("marketing", "sched-daily-20260302T0600Z")))
+    assert (claim["status"], claim["gave_up"]) == ("failed", f"after {MAX_SUBMIT_ATTEMPTS} attempts")
+
+
+def test_a_bad_manifest_is_not_retried(tmp_path):
+    store = LocalStore(tmp_path)
+    submit = FailsFirst(100, error=UserError("row 3 (id 'x'): `width` must be a multiple of 16, got: 1000"))
+    scheduler = Scheduler(schedule_of(DAILY), submit, store)
+    for minute in (0, 5, 30):
+        scheduler.run_once(utc("2026-03-02T06:00:02Z") + timedelta(minutes=minute))
+    assert len(submit.runs) == 1
+    assert json.loads(store.get(claim_key("marketing", "sched-daily-20260302T0600Z")))["status"] == "failed"
+
+
+def test_schedule_run_refuses_a_state_store_it_cannot_write(tmp_path, capsys):
+    from jobs.cli import main
+
+    schedule_file = tmp_path / "s.yaml"
+    schedule_file.write_text(json.dumps({"name": "m", "entries": [DAILY]}), encoding="utf-8")
+    (tmp_path / "a-file").write_text("not a directory")
+    state = tmp_path / "a-file" / "state"
+    with pytest.raises(SystemExit) as exited:
+        main(["schedule", "run", str(schedule_file), "--state", str(state), "--once"])
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == f"error: cannot write to output directory {state}: Not a directory\n"

@@ -38,7 +38,7 @@ def test_a_due_entry_is_rendered_once_by_two_schedulers(ray_session, write_manif
     [run_dir] = list(out.iterdir())
     assert sorted(p.name for p in (run_dir / "images").iterdir()) == ["row-000.png", "row-001.png", "row-002.png"]
     run_id = first.stdout.split()[-1]
-    assert (tmp_path / "state" / "_schedule" / f"{run_id}.json").exists()
+    assert (tmp_path / "state" / "_schedule" / "marketing" / f"{run_id}.json").exists()
     assert second.returncode == 0, second.stderr
     assert run_id not in second.stdout  # claimed by the first scheduler: never submitted twice
     # nothing else was due, unless the clock turned to the next minute in between
