@@ -244,8 +244,9 @@ def follow(client, submission_id: str, store, plan, echo, *, poll_s: float = 2.0
         status = client.get_job_status(submission_id)
         try:
             live = json.loads(store.get(PROGRESS_KEY))
-            if live.get("job_id") == plan.job_id:
-                bar.update(done=live["done"] - bar.done, failed=live["failed"] - bar.failed)
+            if live.get("job_id") == plan.job_id:  # the driver's own counts, rows/s and ETA
+                bar.show_remote(done=live["done"], failed=live["failed"], rows_per_s=live.get("rows_per_s"),
+                                eta_s=live.get("eta_s"))
         except (KeyError, ValueError):
             pass
         if status.is_terminal():

@@ -1,9 +1,17 @@
-"""A terminal progress line: rows done of total, rows/s, ETA, failures. No dependencies."""
+"""Progress of a job: a tqdm bar on a terminal (or a notebook widget), a plain line every few seconds
+when the output is a log file or a pipe, and `_progress.json` in the output for `status` and for
+`submit --wait` against a cluster.
+
+Rows/s and the ETA count from the start of this run and only the rows it settled, so a resume of a
+mostly finished job does not show the rate of rows done last week.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
+
+PROGRESS_KEY = "_progress.json"
 
 
 def format_duration(seconds: float) -> str:
@@ -14,7 +22,8 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressBar:
-    """Redraws one line on a terminal; prints a line every `interval` seconds otherwise."""
+    """Rows settled of `total`. On a terminal a tqdm bar (tqdm.auto: a widget in Jupyter); otherwise
+    one line every `interval` seconds, formatted by tqdm's own meter."""
 
     def __init__(self, total: int, *, already_done: int = 0, stream=None, enabled: bool = True, interval: float = 10.0):
         self.total = total
@@ -23,60 +32,70 @@ class ProgressBar:
         self.started_with = already_done
         self.stream = stream or sys.stderr
         self.enabled = enabled
-        self.interactive = enabled and getattr(self.stream, "isatty", lambda: False)()
-        self.interval = interval if not self.interactive else 0.2
+        self.interval = interval
         self.started = time.monotonic()
-        self._first_settled_at: float | None = None  # rate counts from the first row (after start-up)
-        self._settled_before_rate = already_done
-        self._last_draw = 0.0
+        self._reported: tuple[float, float | None] | None = None  # (rows/s, ETA) a remote driver reported
+        self._last_line = 0.0
+        self._bar = None
+        if enabled and getattr(self.stream, "isatty", lambda: False)():
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, initial=already_done, unit="row", file=self.stream, smoothing=0,
+                             dynamic_ncols=True, mininterval=0.2, leave=True)
+
+    @property
+    def interactive(self) -> bool:
+        return self._bar is not None
 
     def rate(self) -> float:
-        if self._first_settled_at is None:
-            return 0.0
-        elapsed = time.monotonic() - self._first_settled_at
-        counted = self.done + self.failed - self._settled_before_rate
+        """Rows settled per second since this run started (or what the remote driver reports)."""
+        if self._reported is not None:
+            return self._reported[0]
+        elapsed = time.monotonic() - self.started
+        counted = self.done + self.failed - self.started_with
         return counted / elapsed if elapsed > 0 and counted > 0 else 0.0
 
     def eta_seconds(self) -> float | None:
+        if self._reported is not None:
+            return self._reported[1]
         rate = self.rate()
         remaining = self.total - self.done - self.failed
         return remaining / rate if rate > 0 else None
 
     def line(self) -> str:
-        settled = self.done + self.failed
-        percent = 100.0 * settled / self.total if self.total else 100.0
-        width = 24
-        filled = int(width * settled / self.total) if self.total else width
-        eta = self.eta_seconds()
-        parts = [
-            f"[{'#' * filled}{'.' * (width - filled)}] {settled}/{self.total} rows ({percent:.0f}%)",
-            f"{self.rate():.2f} rows/s",
-            f"ETA {format_duration(eta) if eta is not None else '--:--:--'}",
-        ]
-        if self.failed:
-            parts.append(f"{self.failed} failed")
-        return " | ".join(parts)
+        from tqdm import tqdm
+
+        rate = self.rate()
+        postfix = f"{self.failed} failed" if self.failed else None
+        return tqdm.format_meter(n=self.done + self.failed, total=self.total, elapsed=time.monotonic() - self.started,
+                                 unit="row", rate=rate if rate > 0 else None, initial=self.started_with,
+                                 postfix=postfix, ncols=100)
 
     def update(self, *, done: int = 0, failed: int = 0, force: bool = False) -> None:
-        now = time.monotonic()
-        if self._first_settled_at is None and done + failed > 0:
-            self._first_settled_at = now
-            self._settled_before_rate = self.done + self.failed + done + failed
         self.done += done
         self.failed += failed
-        if self.enabled and (force or now - self._last_draw >= self.interval):
-            self._last_draw = now
-            end = "\r" if self.interactive else "\n"
-            self.stream.write(self.line() + end)
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
+        if self._bar is not None:
+            if failed:
+                self._bar.set_postfix_str(f"{self.failed} failed", refresh=False)
+            self._bar.update(done + failed)
+            return
+        now = time.monotonic()
+        if self.enabled and (force or now - self._last_line >= self.interval):
+            self._last_line = now
             self.stream.write(self.line() + "\n")
             self.stream.flush()
 
+    def show_remote(self, *, done: int, failed: int, rows_per_s: float | None, eta_s: float | None) -> None:
+        """Follow a driver that runs elsewhere (a cluster job): its counts, rate and ETA."""
+        self._reported = (rows_per_s or 0.0, eta_s)
+        self.update(done=done - self.done, failed=failed - self.failed)
 
-PROGRESS_KEY = "_progress.json"
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled:
+            self.stream.write(self.line() + "\n")
+            self.stream.flush()
 
 
 class ProgressFile:
