@@ -1,29 +1,38 @@
-"""RenderWorker: loads the pipeline once, proves it can work from its node, then renders shards and
+"""RenderWorker: loads the model once, proves it can work from its node, then renders shards and
 stores every image exactly once.
 
 A plain class; the driver turns it into a Ray actor (`ray.remote(RenderWorker)`), one per GPU.
 The constructor never raises: what went wrong (the store cannot be opened, the model did not load)
 is kept and reported by `ready()`, so the driver can tell the user which worker on which node lacks
-what, and give that worker no work. `render_shard` is a generator: it yields the results of each
-micro-batch as soon as its images are stored, so the driver can show progress row by row and keep
-what finished if the actor dies.
+what, and give that worker no work.
+
+`render_shard` is a generator: it yields the results of each micro-batch as soon as its images are
+stored. Rendering and storing overlap: while a batch's images are encoded (PNG), hashed once and
+stored on a small thread pool, the next batch renders (on a GPU the card stays busy through PNG
+encoding of 1-2 MP images and S3 latency; on a CPU the store uses the other core). At most one
+rendered batch waits for its stores (bounded memory); a store failure fails only its row.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
-from qwen_worker.encode import content_type, encode_image
-from qwen_worker.errors import ObjectExistsError, StoreAccessError, WorkerError
+from qwen_worker.encode import DEFAULT_PNG_COMPRESSION, content_type, encode_image
+from qwen_worker.errors import ObjectExistsError, StoreAccessError, UserError, WorkerError
 from qwen_worker.failures import ErrorKind, classify, describe, is_fatal_cuda_error
 from qwen_worker.presets import get_preset
 from qwen_worker.provenance import image_provenance, stored_own_image
 from qwen_worker.render import ImageTask, micro_batches, render_splitting_on_oom
 from qwen_worker.rows import RenderRow, RowResult, RowStatus
 from qwen_worker.stores import open_store, sha256_hex
+
+STORE_THREADS = 2
+BATCHES_STORING = 1  # rendered batches whose images may wait for the store while the next one renders
 
 
 class RenderWorker:
@@ -43,23 +52,31 @@ class RenderWorker:
         device: str = "auto",
         images_per_call: int = 4,
         check_stored: bool = True,
+        png_compression: int = DEFAULT_PNG_COMPRESSION,
+        lora_cache_bytes: int | None = None,
     ):
         """`existing` says what to do with an image already stored at a row's key: "ours" keeps it
         when its embedded provenance is this row's (a crash came before the ledger, or another copy
         of the row was first), "any" keeps whatever is there (--resume-anyway), "replace" renders
         again (--overwrite). `check_stored=False` (a job new to its output) skips the look-up
         before rendering: nothing of this job can be there yet, and a conflict is still checked."""
+        from qwen_worker.inputs import InputReader
+
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.node_ip = _node_ip()
         self.manifest_sha256 = manifest_sha256
         self.existing = existing
         self.check_stored = check_stored or existing == "any"
+        self.png_compression = png_compression
+        self.lora_cache_bytes = lora_cache_bytes
         self._retries_reported = 0
         self.load_s = 0.0
-        self.pipe = None
+        self.model = None
+        self.adapters = None  # qwen_worker.lora.cache.AdapterCache, made when a row first asks for a LoRA
         self.problem: str | None = None  # why this worker cannot work (reported by ready())
-        self.fits: dict[tuple, int] = {}  # shape key -> images per call that fit after an out-of-memory split
+        self.fits: dict[tuple, int] = {}  # batch key -> images per call that fit after an out-of-memory split
         self.preset = get_preset(model)
+        self.reader = InputReader(store_options, model_dir)
         from qwen_worker.metrics import WorkerMetrics
 
         self.metrics = WorkerMetrics(job_id, self.name)
@@ -70,13 +87,17 @@ class RenderWorker:
             return
         started = time.perf_counter()
         try:
-            from qwen_worker.loading import load_pipeline
+            from qwen_worker.models.loading import load_model
 
-            self.pipe = load_pipeline(self.preset, model_dir=model_dir, offload=offload, device=device,
-                                      images_per_call=images_per_call)
+            self.model = load_model(self.preset, model_dir=model_dir, offload=offload, device=device,
+                                    images_per_call=images_per_call)
         except Exception as exc:
             self.problem = f"model {model!r} did not load: {describe(exc)}"
         self.load_s = time.perf_counter() - started
+
+    @property
+    def pipe(self):
+        return self.model.pipe if self.model is not None else None
 
     # ------------------------------------------------------------------ readiness
 
@@ -102,10 +123,12 @@ class RenderWorker:
         return f"{exc} (from node {self.node_ip})"
 
     def ping(self) -> dict:
-        """Who this worker is, how long its model took to load, and its offload plan (real models)."""
-        plan = getattr(self.pipe, "qwen_batch_offload_plan", None)
+        """Who this worker is, how long its model took to load, its offload plan (real models) and
+        the LoRA adapters it holds (the driver prefers to give it shards that use them)."""
+        plan = self.model.offload_plan if self.model is not None else None
         return {"name": self.name, "pid": os.getpid(), "node_ip": self.node_ip, "load_s": self.load_s,
-                "offload_plan": plan.to_dict() if plan else None}
+                "offload_plan": plan.to_dict() if plan else None,
+                "loras": self.adapters.holds() if self.adapters is not None else []}
 
     # ------------------------------------------------------------------ rendering
 
@@ -119,17 +142,36 @@ class RenderWorker:
             raise WorkerError(self.problem)
         pending = {row.row_index: _RowProgress(row) for row in rows}
         look = look_first or self.check_stored
-        for tasks in micro_batches(rows, lambda row: self.images_per_call(row, batch_size)):
-            finished = self._render_and_store(tasks, pending, look)
-            worker_error = next((r for r in finished if r.error_kind == ErrorKind.WORKER.value), None)
-            if worker_error is not None and pending:  # one report: the failed batch and the rest
-                handed_back = WorkerError(f"not attempted after a worker error: {worker_error.error}")
-                yield finished + [progress.abandon(handed_back, self.name) for progress in pending.values()]
-                return
-            if finished:
-                yield finished
+        storing: collections.deque = collections.deque()  # (tasks, [(task, future)]) in render order
+        with ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store") as pool:
+            for tasks in micro_batches(rows, lambda row: self.images_per_call(row, batch_size)):
+                storing.append((tasks, self._render_batch(tasks, pending, look, pool)))
+                while storing and (len(storing) > BATCHES_STORING or all(f.done() for _t, f in storing[0][1])):
+                    finished = self._settle(*storing.popleft(), pending)
+                    if any(r.error_kind == ErrorKind.WORKER.value for r in finished) and (pending or storing):
+                        yield self._hand_back(finished, storing, pending)
+                        return
+                    if finished:
+                        yield finished
+            while storing:
+                finished = self._settle(*storing.popleft(), pending)
+                if any(r.error_kind == ErrorKind.WORKER.value for r in finished) and (pending or storing):
+                    yield self._hand_back(finished, storing, pending)
+                    return
+                if finished:
+                    yield finished
 
-    def _render_and_store(self, tasks: list[ImageTask], pending: dict, look: bool) -> list[RowResult]:
+    def _hand_back(self, finished: list[RowResult], storing, pending: dict) -> list[RowResult]:
+        """After a worker error: what is still being stored settles, the rest goes back unrendered."""
+        error = next(r.error for r in finished if r.error_kind == ErrorKind.WORKER.value)
+        while storing:
+            finished += self._settle(*storing.popleft(), pending)
+        handed_back = WorkerError(f"not attempted after a worker error: {error}")
+        return finished + [progress.abandon(handed_back, self.name) for progress in pending.values()]
+
+    def _render_batch(self, tasks: list[ImageTask], pending: dict, look: bool, pool) -> list:
+        """Render the tasks not already stored and hand their images to the store pool; returns
+        [(task, future of (sha256, rendered, upload seconds))]."""
         to_render = []
         for task in tasks:
             try:
@@ -141,45 +183,118 @@ class RenderWorker:
                 pending[task.row.row_index].add(task.index, sha256_hex(stored), rendered=False)
             else:
                 to_render.append(task)
-        if to_render:
-            try:
-                started = time.perf_counter()
-                images = render_splitting_on_oom(self.pipe, to_render, self.fits)
-                render_s = (time.perf_counter() - started) / len(to_render)
-            except Exception as exc:  # a broken batch fails its rows, the shard goes on
-                if is_fatal_cuda_error(exc):  # a broken CUDA context: let Ray restart this worker
-                    print(f"{self.name}: fatal CUDA error, exiting so Ray restarts the worker: {exc}", flush=True)
-                    os._exit(70)
-                return self._fail(to_render, pending, exc)
-            for task, image in zip(to_render, images):
-                progress = pending[task.row.row_index]
-                progress.render_s += render_s
-                started = time.perf_counter()
-                try:
-                    sha, rendered = self._store_image(task, image)
-                except Exception as exc:
-                    progress.fail(exc)
-                    continue
-                finally:
-                    progress.upload_s += time.perf_counter() - started
-                progress.add(task.index, sha, rendered=rendered)
-        return self._collect(tasks, pending)
-
-    def _store_image(self, task: ImageTask, image) -> tuple[str, bool]:
-        """Encode and conditionally store one image: (sha256 of what is stored, whether it is
-        what we rendered). On a conflict the stored object stays when it carries this row's
-        provenance (another copy of the row was first, with other bytes): it is the row's image."""
-        data = encode_image(image, task.row.format, self.provenance(task))
         try:
-            self.store.put_new(task.key, data, content_type=content_type(task.row.format))
-            return sha256_hex(data), True
+            inputs, to_render = self._read_inputs(to_render, pending)
+            if not to_render:
+                return []
+            self._activate(to_render, pending)
+            started = time.perf_counter()
+            images = render_splitting_on_oom(lambda batch: self.model.render(batch, inputs), to_render, self.fits)
+            render_s = (time.perf_counter() - started) / len(to_render)
+        except Exception as exc:  # a broken batch fails its rows, the shard goes on
+            if is_fatal_cuda_error(exc):  # a broken CUDA context: let Ray restart this worker
+                print(f"{self.name}: fatal CUDA error, exiting so Ray restarts the worker: {exc}", flush=True)
+                os._exit(70)
+            for task in to_render:
+                pending[task.row.row_index].fail(exc)
+            return []
+        stores = []
+        for task, image in zip(to_render, images):
+            pending[task.row.row_index].render_s += render_s
+            stores.append((task, pool.submit(self._store_image, task, image, pending[task.row.row_index].extra())))
+        return stores
+
+    def _read_inputs(self, tasks: list[ImageTask], pending: dict) -> tuple[dict, list[ImageTask]]:
+        """The batch's input images ({uri: PIL image}, each read once) and the tasks whose inputs
+        could be read; a row whose input is missing or not an image fails alone."""
+        from qwen_worker.inputs import open_image
+
+        images: dict = {}
+        digests: dict[str, str] = {}
+        readable = []
+        for task in tasks:
+            row, progress = task.row, pending[task.row.row_index]
+            try:
+                for ref in [*row.inputs, *([row.mask] if row.mask is not None else [])]:
+                    if ref.uri not in images:
+                        data = self.reader.read(ref.uri)
+                        mode = "L" if ref is row.mask else ("RGBA" if self.preset.rgba else "RGB")
+                        images[ref.uri], digests[ref.uri] = open_image(data, ref.uri, mode), sha256_hex(data)
+                    progress.input_sha256[ref.uri] = digests[ref.uri]
+            except Exception as exc:
+                progress.fail(exc)
+                continue
+            readable.append(task)
+        return images, readable
+
+    def _activate(self, tasks: list[ImageTask], pending: dict) -> None:
+        """Activate the batch's LoRA set and speed (every task of a batch has the same)."""
+        row = tasks[0].row
+        adapters = []
+        for ref in row.loras:
+            adapter = self._adapter_cache().get(ref.uri)
+            adapters.append((adapter.tensors, ref.scale))
+            for task in tasks:
+                pending[task.row.row_index].lora_sha256[ref.uri] = adapter.sha256
+        self.model.prepare(row.speed, adapters, key=(row.loras, row.speed))
+
+    def _adapter_cache(self):
+        if self.adapters is None:
+            from qwen_worker.lora.cache import DEFAULT_BUDGET_BYTES, AdapterCache
+            from qwen_worker.lora.hooks import linear_layers
+
+            linears = linear_layers(self.model.transformer)
+            self.adapters = AdapterCache(lambda uri: self._read_lora(uri, linears), linears,
+                                         dtype=self.model.transformer.dtype,
+                                         budget_bytes=self.lora_cache_bytes or DEFAULT_BUDGET_BYTES)
+        return self.adapters
+
+    def _read_lora(self, uri: str, linears: dict) -> bytes:
+        from qwen_worker.lora.builtin import BUILTIN_PREFIX, builtin_lora_bytes
+
+        if uri.startswith(BUILTIN_PREFIX):
+            return builtin_lora_bytes(uri[len(BUILTIN_PREFIX):], linears)
+        return self.reader.read(uri)
+
+    def _store_image(self, task: ImageTask, image, extra: dict) -> tuple[str, bool, float]:
+        """(On the store pool.) Encode and conditionally store one image, hashing it once: (sha256
+        of what is stored, whether it is what we rendered, seconds). On a conflict the stored object
+        stays when it carries this row's provenance (another copy of the row was first, with other
+        bytes); one made from an older version of the row's inputs is replaced."""
+        from qwen_worker.encode import read_provenance
+        from qwen_worker.provenance import is_own, is_stale_own
+
+        started = time.perf_counter()
+        provenance = self.provenance(task, extra)
+        data = encode_image(image, task.row.format, provenance, png_compression=self.png_compression)
+        digest = sha256_hex(data)
+        try:
+            self.store.put_new(task.key, data, content_type=content_type(task.row.format), sha256=digest)
+            return digest, True, time.perf_counter() - started
         except ObjectExistsError:
             if self.existing == "replace":
                 raise
-            stored = stored_own_image(self.store, task.key, self.provenance(task))
-            if stored is None:
+            stored = self.store.get(task.key)
+            found = read_provenance(stored)
+            if is_stale_own(found, provenance):  # an input changed since that image was made
+                self.store.put(task.key, data, content_type=content_type(task.row.format))
+                return digest, True, time.perf_counter() - started
+            if not is_own(found, provenance):
                 raise
-            return sha256_hex(stored), False
+            return sha256_hex(stored), False, time.perf_counter() - started
+
+    def _settle(self, tasks: list[ImageTask], stores: list, pending: dict) -> list[RowResult]:
+        """Apply a batch's store outcomes to its rows; the results of the rows now settled."""
+        for task, future in stores:
+            progress = pending[task.row.row_index]
+            try:
+                sha, rendered, upload_s = future.result()
+            except Exception as exc:
+                progress.fail(exc)
+                continue
+            progress.upload_s += upload_s
+            progress.add(task.index, sha, rendered=rendered)
+        return self._collect(tasks, pending)
 
     def images_per_call(self, row: RenderRow, batch_size: int) -> int:
         """`batch_size` (0: what this worker's GPU memory fits), capped by what fit after an
@@ -188,16 +303,19 @@ class RenderWorker:
         return min(size, self.fits.get(row.shape_key, size))
 
     def auto_batch_size(self, row: RenderRow) -> int:
-        """Images of `row`'s shape per pipeline call that fit this worker's offload plan."""
+        """Images of `row`'s shape per pipeline call that fit this worker's offload plan (input
+        images add their image tokens)."""
         from qwen_worker.offload import DEFAULT_IMAGES_PER_CALL, auto_batch_size
 
-        plan = getattr(self.pipe, "qwen_batch_offload_plan", None)
-        if plan is None:  # tiny model: no memory plan
+        plan = self.model.offload_plan if self.model is not None else None
+        if plan is None:  # tiny models: no memory plan
             return DEFAULT_IMAGES_PER_CALL
-        return auto_batch_size(plan, preset=self.preset, megapixels=row.width * row.height / 1e6)
+        megapixels = (row.width * row.height + len(row.inputs) * self.preset.input_area) / 1e6
+        return auto_batch_size(plan, preset=self.preset, megapixels=megapixels)
 
-    def provenance(self, task: ImageTask) -> dict:
-        return image_provenance(task.row, task.index, model=self.preset.name, manifest_sha256=self.manifest_sha256)
+    def provenance(self, task: ImageTask, extra: dict | None = None) -> dict:
+        return image_provenance(task.row, task.index, model=self.preset.name, manifest_sha256=self.manifest_sha256,
+                                extra=extra)
 
     def _keepable_stored_image(self, task: ImageTask) -> bytes | None:
         """The bytes already stored at the task's key, when the policy says to keep them."""
@@ -209,11 +327,6 @@ class RenderWorker:
             except KeyError:
                 return None
         return stored_own_image(self.store, task.key, self.provenance(task))  # a foreign file: the put reports it
-
-    def _fail(self, tasks, pending, exc) -> list[RowResult]:
-        for task in tasks:
-            pending[task.row.row_index].fail(exc)
-        return self._collect(tasks, pending)
 
     def _collect(self, tasks, pending) -> list[RowResult]:
         """Results of the rows that have all their images settled after this batch."""
@@ -246,6 +359,8 @@ class _RowProgress:
     def __init__(self, row: RenderRow):
         self.row = row
         self.sha256: dict[int, str] = {}
+        self.input_sha256: dict[str, str] = {}  # uri -> sha256 of the bytes read
+        self.lora_sha256: dict[str, str] = {}
         self.rendered = False
         self.render_s = 0.0
         self.upload_s = 0.0
@@ -270,6 +385,16 @@ class _RowProgress:
         self.error, self.error_kind = describe(exc), classify(exc).value
         return self.result(worker)
 
+    def extra(self) -> dict:
+        """What the embedded provenance adds from this worker: the sha256 of the files it read."""
+        extra = {}
+        refs = [*self.row.inputs, *([self.row.mask] if self.row.mask is not None else [])]
+        if refs:
+            extra["inputs_sha256"] = [self.input_sha256.get(ref.uri, "") for ref in refs]
+        if self.row.loras:
+            extra["loras_sha256"] = [self.lora_sha256.get(ref.uri, "") for ref in self.row.loras]
+        return extra
+
     @property
     def settled(self) -> bool:
         """Every image of the row was either stored or failed."""
@@ -277,6 +402,7 @@ class _RowProgress:
 
     def result(self, worker: str) -> RowResult:
         failed = len(self.sha256) < len(self.row.keys)
+        extra = self.extra()
         return RowResult(
             row_index=self.row.row_index,
             id=self.row.id,
@@ -290,6 +416,9 @@ class _RowProgress:
             worker=worker,
             error=self.error if failed else "",
             error_kind=self.error_kind if failed else "",
+            inputs_sha256=extra.get("inputs_sha256", []),
+            loras_sha256=extra.get("loras_sha256", []),
+            input_digest=self.row.input_digest(),
         )
 
 

@@ -43,16 +43,10 @@ log = logging.getLogger(__name__)
 
 DF11_SUBDIR = "df11"
 DEVICES = ("auto", "cuda", "cpu")
-# what a pipeline directory must hold (relative paths), besides the transformer's weights
-PIPELINE_FILES = (
-    "model_index.json",
-    "scheduler/scheduler_config.json",
-    "text_encoder/config.json",
-    "tokenizer",
-    "transformer/config.json",
-    "vae/config.json",
-)
-_BASE_PATTERNS = ["model_index.json", "scheduler/*", "text_encoder/*", "tokenizer/*", "vae/*", "transformer/config.json"]
+# what a pipeline directory must hold besides the transformer's weights: model_index.json, the
+# transformer's config, and a folder for every component model_index.json lists
+PIPELINE_FILES = ("model_index.json", "transformer/config.json")
+_TRANSFORMER_WEIGHTS = ["transformer/*.safetensors", "transformer/*.bin", "transformer/*.safetensors.index.json"]
 _DF11_TENSOR_SUFFIXES = ("luts", "encoded_exponent", "sign_mantissa", "output_positions", "gaps", "split_positions")
 _REQUIRED_DF11_SUFFIXES = ("luts", "encoded_exponent", "sign_mantissa", "output_positions", "gaps")
 
@@ -76,7 +70,8 @@ def load_real_pipeline(
     device: str = "auto",
     images_per_call: int = DEFAULT_IMAGES_PER_CALL,
 ):
-    """The ready-to-call QwenImagePipeline of `preset`.
+    """The ready-to-call pipeline of `preset` (its family's class: QwenImagePipeline,
+    QwenImageEditPlusPipeline, QwenImage21Pipeline, ...).
 
     `offload`: auto|none|model|blocks:N (qwen_worker.offload); `images_per_call`: the largest
     micro-batch the worker will render (the plan sizes activations for it, at 1328x1328).
@@ -105,17 +100,22 @@ def load_real_pipeline(
     log.info("model %s from %s: %s", preset.name, files.base_dir, plan.describe())
 
     import torch
-    from diffusers import QwenImagePipeline
 
+    from qwen_worker.models import family_module
+
+    family = family_module(preset.family)
+    pipeline_class = family.pipeline_class(preset)
     if files.df11_dir is not None:
-        transformer = empty_bf16_transformer(files.base_dir)
+        transformer_class = family.transformer_class()
+        transformer = empty_transformer(transformer_class, transformer_class.load_config(os.fspath(files.base_dir),
+                                                                                         subfolder="transformer"))
         if target == "cpu":
             decode_df11_into(transformer, files.df11_dir)
         else:
             _load_df11_with_dfloat11(transformer, files.df11_dir, plan)
-        pipe = QwenImagePipeline.from_pretrained(files.base_dir, transformer=transformer, dtype=torch.bfloat16)
+        pipe = pipeline_class.from_pretrained(files.base_dir, transformer=transformer, dtype=torch.bfloat16)
     else:
-        pipe = QwenImagePipeline.from_pretrained(files.base_dir, dtype=torch.bfloat16)
+        pipe = pipeline_class.from_pretrained(files.base_dir, dtype=torch.bfloat16)
 
     if target == "cuda":
         index = torch.cuda.current_device()
@@ -158,7 +158,7 @@ def resolve_model_files(
     """The local directories of `preset`'s pipeline and DF11 checkpoint, checked for the files the
     loader reads; downloads (or, offline or with `local_only`, finds in the cache) what is not local."""
     uses_df11 = preset.df11_repo is not None
-    if preset.base_repo is None:
+    if preset.base_repo is None or preset.builtin:
         raise UserError(f"model {preset.name!r} has no files to load (it is built in code)")
     if model_dir is not None:
         parts = [p for p in os.fspath(model_dir).split(os.pathsep)]
@@ -174,8 +174,14 @@ def resolve_model_files(
             _check_df11_dir(df11, preset, source="--model-dir")
         return ModelFiles(base, df11)
 
-    patterns = _BASE_PATTERNS + ([] if uses_df11 else ["transformer/*"])
-    base = _local_or_snapshot(preset, preset.base_repo, patterns, local_only=local_only)
+    if uses_df11 and not preset.df11_repo:
+        raise UserError(
+            f"model {preset.name!r} has no published DF11 transformer: make one with `qwen-batch df11 compress "
+            f"MODEL_DIR/transformer MODEL_DIR/{DF11_SUBDIR}` from a download of {preset.base_repo} "
+            f"(`hf download {preset.base_repo} --local-dir MODEL_DIR`) and pass --model-dir MODEL_DIR"
+        )
+    base = _local_or_snapshot(preset, preset.base_repo, _TRANSFORMER_WEIGHTS if uses_df11 else None,
+                              local_only=local_only)
     _check_pipeline_dir(base, preset, need_transformer_weights=not uses_df11, source=preset.base_repo)
     df11 = None
     if uses_df11:
@@ -209,7 +215,7 @@ def _hub_offline() -> bool:
         return False
 
 
-def _local_or_snapshot(preset: ModelPreset, repo: str, allow_patterns: list[str] | None, *, local_only: bool = False) -> Path:
+def _local_or_snapshot(preset: ModelPreset, repo: str, ignore_patterns: list[str] | None, *, local_only: bool = False) -> Path:
     """`repo` itself when it is a local directory, else its snapshot in the HF cache (downloaded
     unless offline)."""
     if os.path.isdir(os.path.expanduser(repo)):
@@ -224,7 +230,7 @@ def _local_or_snapshot(preset: ModelPreset, repo: str, allow_patterns: list[str]
 
     offline = _hub_offline()
     try:
-        path = huggingface_hub.snapshot_download(repo, allow_patterns=allow_patterns, local_files_only=offline or local_only)
+        path = huggingface_hub.snapshot_download(repo, ignore_patterns=ignore_patterns, local_files_only=offline or local_only)
     except LocalEntryNotFoundError as exc:
         why = "HF_HUB_OFFLINE is set" if offline else ("only local files were asked for" if local_only else "the Hugging Face Hub cannot be reached")
         commands = " && ".join(download_commands(preset))
@@ -245,13 +251,17 @@ def _check_pipeline_dir(base: Path, preset: ModelPreset, *, need_transformer_wei
     if not base.is_dir():
         raise UserError(f"model directory {base} (from {source}) does not exist")
     missing = [name for name in PIPELINE_FILES if not (base / name).exists()]
+    if (base / "model_index.json").is_file():
+        components = [name for name, value in _read_json(base / "model_index.json").items()
+                      if not name.startswith("_") and isinstance(value, list) and value[0] is not None]
+        missing += [f"{name}/" for name in components if not (base / name).is_dir()]
     if need_transformer_weights and not _weight_files(base / "transformer"):
         missing.append("transformer/*.safetensors")
     if missing:
         raise UserError(
             f"{base} (from {source}) is not a complete Qwen-Image pipeline for model {preset.name!r}: missing "
-            f"{', '.join(missing)} (expected the layout of the hub repo {preset.base_repo}: model_index.json, "
-            "scheduler/, text_encoder/, tokenizer/, transformer/, vae/)"
+            f"{', '.join(missing)} (expected the layout of the hub repo {preset.base_repo}: model_index.json and "
+            "a folder per component it lists, e.g. scheduler/, text_encoder/, tokenizer/, transformer/, vae/)"
         )
 
 
@@ -292,20 +302,25 @@ def _read_json(path: Path) -> dict:
 # --------------------------------------------------------------------------- the DF11 transformer
 
 
-def empty_bf16_transformer(base_dir: str | os.PathLike):
-    """QwenImageTransformer2DModel from `base_dir/transformer/config.json` with uninitialised BF16
-    weights: built on the meta device, then given untouched CPU memory (no init, no 41 GB written).
-    Its RoPE tables are plain tensors computed at construction, as in a loaded model."""
+def empty_transformer(transformer_class, config: dict):
+    """A transformer of `transformer_class` built from `config` with uninitialised BF16 weights:
+    built on the meta device, then given untouched CPU memory (no init, no 41 GB written). Its
+    RoPE tables are plain tensors computed at construction, as in a loaded model."""
     import torch
     from accelerate import init_empty_weights
-    from diffusers import QwenImageTransformer2DModel
 
-    config = QwenImageTransformer2DModel.load_config(os.fspath(base_dir), subfolder="transformer")
     with init_empty_weights():
-        transformer = QwenImageTransformer2DModel.from_config(config)
+        transformer = transformer_class.from_config(config)
     torch.nn.Module.to(transformer, dtype=torch.bfloat16)  # still on meta: costs nothing
     transformer.to_empty(device="cpu")
     return transformer.eval()
+
+
+def empty_bf16_transformer(base_dir: str | os.PathLike, transformer_class=None):
+    """The transformer of the pipeline directory `base_dir` (its transformer/config.json), empty."""
+    if transformer_class is None:
+        from diffusers import QwenImageTransformer2DModel as transformer_class
+    return empty_transformer(transformer_class, transformer_class.load_config(os.fspath(base_dir), subfolder="transformer"))
 
 
 def _df11_file_index(df11_dir: Path) -> tuple[dict[str, Path], dict[str, tuple[int, ...]]]:

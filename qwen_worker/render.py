@@ -1,4 +1,5 @@
-"""Rendering: group a shard's images by shape into micro-batches and run one pipeline call each.
+"""Rendering: group a shard's images by batch key (size, steps, CFG, input slots, LoRA set, speed)
+into micro-batches; each family's module renders one micro-batch per call.
 
 With CPU offload every forward streams all transformer blocks to the GPU, so several prompts per
 call amortise that transfer. Each image gets its own torch.Generator seeded from its row, so an
@@ -50,42 +51,27 @@ def micro_batches(rows: Iterable[RenderRow], batch_size: int | Callable[[RenderR
 
 
 def render_batch(pipe, tasks: list[ImageTask]) -> list:
-    """Render one micro-batch (all tasks share a shape key); returns PIL images in task order.
+    """Render one micro-batch of text-to-image tasks with a QwenImagePipeline (see
+    qwen_worker.models.qwen_image.render_with)."""
+    from qwen_worker.models.qwen_image import render_with
 
-    Generators live on the CPU (diffusers draws the noise there and moves it), so the initial
-    noise of a seed is the same on every device.
-    """
-    import torch
-
-    first = tasks[0].row
-    generators = [torch.Generator("cpu").manual_seed(task.seed) for task in tasks]
-    output = pipe(
-        prompt=[task.row.prompt for task in tasks],
-        negative_prompt=[task.row.negative_prompt for task in tasks],
-        true_cfg_scale=first.true_cfg_scale,
-        width=first.width,
-        height=first.height,
-        num_inference_steps=first.steps,
-        generator=generators,
-        output_type="pil",
-    )
-    return list(output.images)
+    return render_with(pipe, tasks)
 
 
-
-def render_splitting_on_oom(pipe, tasks: list[ImageTask], fits: dict | None = None) -> list:
-    """render_batch, retrying a batch that runs out of GPU memory as two halves (down to one image);
-    a single image that still does not fit raises. `fits` (shape key -> images per call) learns
-    the size that fit after a split, so later batches of that shape start there instead of
+def render_splitting_on_oom(render: Callable[[list[ImageTask]], list], tasks: list[ImageTask],
+                            fits: dict | None = None) -> list:
+    """`render(tasks)`, retrying a batch that runs out of GPU memory as two halves (down to one
+    image); a single image that still does not fit raises. `fits` (shape key -> images per call)
+    learns the size that fit after a split, so later batches of that shape start there instead of
     running out of memory first every time."""
     try:
-        return render_batch(pipe, tasks)
+        return render(tasks)
     except Exception as exc:
         if not is_out_of_memory(exc) or len(tasks) == 1:
             raise
     _free_cuda_cache()
     half = len(tasks) // 2
-    images = render_splitting_on_oom(pipe, tasks[:half], fits) + render_splitting_on_oom(pipe, tasks[half:], fits)
+    images = render_splitting_on_oom(render, tasks[:half], fits) + render_splitting_on_oom(render, tasks[half:], fits)
     if fits is not None:  # both halves rendered (the larger, tasks[half:], possibly split again)
         key = tasks[0].row.shape_key
         fits[key] = min(fits.get(key, len(tasks)), len(tasks) - half)

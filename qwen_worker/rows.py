@@ -16,8 +16,38 @@ class RowStatus(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class InputRef:
+    """An input image of a row, as validated by the driver: where it is, which version of it (ETag,
+    or size and mtime of a local file: a resume notices a changed input), and its size in pixels."""
+
+    uri: str  # absolute local path or s3://bucket/key
+    version: str
+    width: int
+    height: int
+
+    @property
+    def aspect(self) -> tuple[int, int]:
+        """The aspect ratio as a reduced fraction (what sizes its image tokens)."""
+        import math
+
+        divisor = math.gcd(self.width, self.height) or 1
+        return self.width // divisor, self.height // divisor
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """A LoRA adapter of a row: its file and scale."""
+
+    uri: str  # absolute local path, s3://bucket/key, hf://owner/repo/file, or builtin:<name>
+    scale: float = 1.0
+
+    def describe(self) -> str:
+        return f"{self.uri}:{self.scale:g}"
+
+
+@dataclass(frozen=True)
 class RenderRow:
-    """One manifest row, resolved: final prompt text, size, seed and object keys."""
+    """One manifest row, resolved: final prompt text, size, seed, object keys, input images, LoRAs."""
 
     row_index: int
     id: str
@@ -30,11 +60,23 @@ class RenderRow:
     seed: int
     keys: tuple[str, ...]  # one object key per image (num_images of them)
     format: str = "png"
+    inputs: tuple[InputRef, ...] = ()  # input images (edit models, 2.1 references), in order
+    mask: InputRef | None = None  # inpainting mask
+    loras: tuple[LoraRef, ...] = ()  # sorted: the same set in another order is the same set
+    speed: str = "standard"  # or "lightning-8" / "lightning-4" (its LoRA is among `loras`)
 
     @property
     def shape_key(self) -> tuple:
-        """Rows with the same key can share one pipeline call (one micro-batch)."""
-        return (self.width, self.height, self.steps, self.true_cfg_scale)
+        """Rows with the same key can share one pipeline call (one micro-batch): same size, steps,
+        CFG, input slots (their aspect ratios), mask or not, LoRA set and scheduler."""
+        return (self.width, self.height, self.steps, self.true_cfg_scale, tuple(i.aspect for i in self.inputs),
+                self.mask is not None, self.loras, self.speed)
+
+    def input_digest(self) -> str:
+        """One string for the versions of every input of the row ("" without inputs): the ledger
+        keeps it, so a resume re-renders a row whose input changed."""
+        refs = [*self.inputs, *([self.mask] if self.mask is not None else [])]
+        return "|".join(f"{ref.uri}@{ref.version}" for ref in refs)
 
     def image_seeds(self) -> list[int]:
         """Seed of image n is seed + n: image 0 of a row is the row's own seed."""
@@ -56,6 +98,9 @@ class RowResult:
     worker: str = ""
     error: str = ""
     error_kind: str = ""  # for a failure: "row", "worker" or "transient" (qwen_worker.failures)
+    inputs_sha256: list[str] = field(default_factory=list)  # of each input image (and the mask), as read
+    loras_sha256: list[str] = field(default_factory=list)  # of each LoRA file, as loaded
+    input_digest: str = ""  # RenderRow.input_digest() of what was rendered
 
     def to_record(self) -> dict:
         record = dataclasses.asdict(self)
@@ -68,4 +113,7 @@ class RowResult:
         values["status"] = RowStatus(values["status"])
         values["keys"] = list(values.get("keys") or [])
         values["sha256"] = list(values.get("sha256") or [])
+        values["inputs_sha256"] = list(values.get("inputs_sha256") or [])
+        values["loras_sha256"] = list(values.get("loras_sha256") or [])
+        values["input_digest"] = values.get("input_digest") or ""
         return cls(**values)

@@ -129,7 +129,7 @@ def ray_session(s3_server):
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from qwen_worker.tiny import build_tiny_pipeline
+    from qwen_worker.models.qwen_image import build_tiny_pipeline
 
     return build_tiny_pipeline(seed=0)
 
@@ -140,7 +140,7 @@ def tiny_pipe_fp32():
     by one) within one 8-bit level; BF16 (the default, like the real models) differs by a few."""
     import torch
 
-    from qwen_worker.tiny import build_tiny_pipeline
+    from qwen_worker.models.qwen_image import build_tiny_pipeline
 
     return build_tiny_pipeline(seed=0, dtype=torch.float32)
 

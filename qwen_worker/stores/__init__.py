@@ -19,4 +19,9 @@ def open_store(uri: str, *, overwrite: bool = False, **s3_options) -> Store:
     return LocalStore(uri, overwrite=overwrite)
 
 
-__all__ = ["LocalStore", "PutOutcome", "Store", "StorageError", "open_store", "sha256_hex"]
+def s3_settings(options: dict | None) -> dict:
+    """The endpoint settings among a store's worker options (what another bucket is opened with)."""
+    return {key: value for key, value in (options or {}).items() if key in ("endpoint_url", "region")}
+
+
+__all__ = ["s3_settings", "LocalStore", "PutOutcome", "Store", "StorageError", "open_store", "sha256_hex"]

@@ -30,10 +30,12 @@ class Store:
     uri: str
     overwrite: bool = False
 
-    def put_new(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> PutOutcome:
+    def put_new(self, key: str, data: bytes, *, content_type: str = "application/octet-stream",
+                sha256: str | None = None) -> PutOutcome:
         """Write `data` at `key` unless an object is there. Identical content there counts as
         success (a retried write of ours); different content raises ObjectExistsError unless the
-        store was opened with overwrite=True."""
+        store was opened with overwrite=True. `sha256`: the data's digest when the caller has it
+        (images are hashed once)."""
         raise NotImplementedError
 
     def put(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> None:

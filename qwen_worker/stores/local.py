@@ -68,13 +68,13 @@ class LocalStore(Store):
         _fsync_dir(path.parent)
         return True
 
-    def put_new(self, key, data, *, content_type="application/octet-stream"):
+    def put_new(self, key, data, *, content_type="application/octet-stream", sha256=None):
         path = self._path(key)
         tmp = self._write_temp(path, data)
         try:
             if self._create_from_temp(tmp, path):
                 return PutOutcome.CREATED
-            ours, theirs = sha256_hex(data), self.stored_sha256(key)
+            ours, theirs = sha256 or sha256_hex(data), self.stored_sha256(key)
             if theirs == ours:
                 return PutOutcome.ALREADY_STORED
             if not self.overwrite:

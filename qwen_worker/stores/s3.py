@@ -235,8 +235,8 @@ class S3Store(Store):
         return StoreAccessError(f"cannot use {self.uri}{endpoint} ({code} on {what}): {hint}")
 
     # ---- Store interface
-    def put_new(self, key, data, *, content_type="application/octet-stream"):
-        full, ours = self._key(key), sha256_hex(data)
+    def put_new(self, key, data, *, content_type="application/octet-stream", sha256=None):
+        full, ours = self._key(key), sha256 or sha256_hex(data)
 
         def attempt() -> PutOutcome:
             from botocore.exceptions import ClientError
@@ -328,6 +328,32 @@ class S3Store(Store):
                 raise
 
         return self._retrying(f"GetObject {key}", attempt)
+
+    def head_and_prefix(self, key: str, length: int) -> tuple[str, int, bytes]:
+        """(ETag, size in bytes, the first `length` bytes) of an object in one ranged GET; KeyError
+        when there is none."""
+        from botocore.exceptions import ClientError
+
+        full = self._key(key)
+
+        def attempt():
+            try:
+                response = self._call("get_object", Key=full, Range=f"bytes=0-{length - 1}")
+            except ClientError as exc:
+                status = _http_status(exc)
+                if status == 404:
+                    return None
+                if status == 416:  # an empty object has no byte 0
+                    return (self._call("head_object", Key=full)["ETag"], 0, b"")
+                raise
+            total = response.get("ContentRange", "").rpartition("/")[2]
+            data = response["Body"].read()
+            return response["ETag"], int(total) if total.isdigit() else len(data), data
+
+        found = self._retrying(f"GetObject {key}", attempt)
+        if found is None:
+            raise KeyError(key)
+        return found
 
     def etag(self, key: str) -> str:
         """The object's ETag; KeyError when there is none."""

@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from qwen_worker.tiny import TINY_TRANSFORMER_CONFIG
+from qwen_worker.models.qwen_image import TINY_TRANSFORMER_CONFIG
 
 pytestmark = [
     pytest.mark.gpu,
@@ -288,7 +288,7 @@ def test_load_real_pipeline_renders_on_the_gpu_with_dfloat11_as_bf16_does(tmp_pa
     from qwen_worker.df11.codec import compress_state_dict, save_df11
     from qwen_worker.presets import PRESETS
     from qwen_worker.real_model import load_real_pipeline
-    from qwen_worker.tiny import build_tiny_pipeline
+    from qwen_worker.models.qwen_image import build_tiny_pipeline
 
     dfloat11_model_class()
     reference = build_tiny_pipeline(seed=0, dtype=torch.bfloat16)
@@ -298,7 +298,7 @@ def test_load_real_pipeline_renders_on_the_gpu_with_dfloat11_as_bf16_does(tmp_pa
         weights.unlink()
     compressed, config = compress_state_dict(reference.transformer.state_dict())
     save_df11(base / "df11", compressed, config)
-    preset = replace(PRESETS["tiny"], name="gpu-tiny-df11", base_repo="t/base", df11_repo="t/df11", needs_cuda=True)
+    preset = replace(PRESETS["tiny"], name="gpu-tiny-df11", base_repo="t/base", df11_repo="t/df11", needs_cuda=True, builtin=False)
 
     pipe = load_real_pipeline(preset, model_dir=str(base), offload=offload, device="cuda")
     assert pipe.qwen_batch_offload_plan.label == offload

@@ -10,7 +10,7 @@ def test_compress_a_saved_transformer_then_decode_it_bit_exact(tmp_path):
     from diffusers import QwenImageTransformer2DModel
 
     from qwen_worker.df11.codec import decompress_state_dict, load_df11_state_dict
-    from qwen_worker.tiny import TINY_TRANSFORMER_CONFIG
+    from qwen_worker.models.qwen_image import TINY_TRANSFORMER_CONFIG
 
     torch.manual_seed(3)
     model = QwenImageTransformer2DModel(**TINY_TRANSFORMER_CONFIG).to(torch.bfloat16)

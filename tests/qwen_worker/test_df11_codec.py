@@ -440,7 +440,7 @@ def test_compress_state_dict_rejects_bad_input(tmp_path):
 def tiny_transformer(seed: int):
     from diffusers import QwenImageTransformer2DModel
 
-    from qwen_worker.tiny import TINY_TRANSFORMER_CONFIG
+    from qwen_worker.models.qwen_image import TINY_TRANSFORMER_CONFIG
 
     torch.manual_seed(seed)
     model = QwenImageTransformer2DModel(**TINY_TRANSFORMER_CONFIG)

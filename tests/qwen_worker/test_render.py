@@ -35,7 +35,7 @@ def test_image_seeds_follow_the_row_seed():
 
 
 def test_same_seed_same_bytes_across_pipeline_builds(tiny_pipe):
-    from qwen_worker.tiny import build_tiny_pipeline
+    from qwen_worker.models.qwen_image import build_tiny_pipeline
 
     row = make_row(0, "香港 Hong Kong travel guide")
     first = encode_image(render_batch(tiny_pipe, [ImageTask(row, 0)])[0], "png")
@@ -89,7 +89,7 @@ def test_a_batch_out_of_gpu_memory_is_retried_in_halves(tiny_pipe):
 
     tasks = [ImageTask(make_row(n, f"prompt {n}"), 0) for n in range(5)]
     limited = RunsOutOfMemoryAbove(tiny_pipe, 2)
-    images = render_splitting_on_oom(limited, tasks)
+    images = render_splitting_on_oom(lambda batch: render_batch(limited, batch), tasks)
     assert limited.calls == [5, 2, 3, 1, 2]
     for image, task in zip(images, tasks):
         alone = render_batch(tiny_pipe, [task])[0]
@@ -102,7 +102,8 @@ def test_one_image_that_does_not_fit_raises(tiny_pipe):
     from qwen_worker.render import render_splitting_on_oom
 
     with pytest.raises(torch.cuda.OutOfMemoryError, match="CUDA out of memory"):
-        render_splitting_on_oom(RunsOutOfMemoryAbove(tiny_pipe, 0), [ImageTask(make_row(0), 0)])
+        render_splitting_on_oom(lambda batch: render_batch(RunsOutOfMemoryAbove(tiny_pipe, 0), batch),
+                                [ImageTask(make_row(0), 0)])
 
 
 @pytest.mark.parametrize(
@@ -124,7 +125,7 @@ def test_a_worker_remembers_the_batch_size_that_fit_after_an_out_of_memory_split
     from qwen_worker.actor import RenderWorker
 
     worker = RenderWorker(model="tiny", output_uri=str(tmp_path / "out"), check_stored=False)
-    worker.pipe = limited = RunsOutOfMemoryAbove(tiny_pipe, 2)
+    worker.model.pipe = limited = RunsOutOfMemoryAbove(tiny_pipe, 2)
     rows = [make_row(n, f"prompt {n}") for n in range(12)]
     results = [result for batch in worker.render_shard(rows, batch_size=4) for result in batch]
     assert [r.status.value for r in results] == ["done"] * 12
