@@ -44,6 +44,8 @@ def outcome_columns() -> list:
         ("worker", pa.string()),
         ("error", pa.string()),
         ("error_kind", pa.string()),
+        ("inputs_sha256", pa.list_(pa.string())),  # each input image (and mask) as the worker read it
+        ("loras_sha256", pa.list_(pa.string())),  # each LoRA file as the worker loaded it
     ]
 
 
@@ -61,6 +63,7 @@ def ledger_schema():
             ("sha256", pa.list_(pa.string())),
             ("seed", pa.int64()),
             *outcome_columns(),
+            ("input_digest", pa.string()),  # versions of the row's input files (a resume re-renders on a change)
         ]
     )
 
@@ -119,6 +122,12 @@ class Ledger:
         done = self.rows[(self.status == RowStatus.DONE.value) & (self.rows < total)]
         mask[done] = True
         return mask
+
+    def input_digests(self, row_indices: np.ndarray) -> list[str | None]:
+        """The input digest each row was rendered with (None: not in the ledger)."""
+        positions, found = self.positions(row_indices)
+        digests = self.table.column("input_digest").to_pylist() if len(self.table) else []
+        return [digests[int(p)] or "" if f else None for p, f in zip(positions, found)]
 
     def counts(self) -> dict[str, int]:
         values, counts = np.unique(self.status.astype(str), return_counts=True)

@@ -43,6 +43,8 @@ class JobPlan:
     replaces: str | None = None
     manifest_version: str | None = None  # an s3:// manifest's ETag: every read is pinned to it
     templates: dict = field(default_factory=dict)  # name -> sha256 of each template the rows use
+    input_base: str = ""  # the manifest's directory (or s3:// prefix): relative input and LoRA paths
+    render: dict = field(default_factory=dict)  # job-wide render options: lora, speed, lightning_lora
 
     @property
     def shard_count(self) -> int:
@@ -65,10 +67,13 @@ class JobPlan:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-def make_job_id(manifest_sha256: str, model: str, seed: int, output: str, templates: dict | None = None) -> str:
+def make_job_id(manifest_sha256: str, model: str, seed: int, output: str, templates: dict | None = None,
+                render: dict | None = None) -> str:
     identity = f"{manifest_sha256}|{model}|{seed}|{output.rstrip('/')}"
     if templates:  # the templates' text is part of what the job renders
         identity += "|" + ",".join(f"{name}={sha}" for name, sha in sorted(templates.items()))
+    if render:  # so are job-wide LoRAs and the speed preset
+        identity += "|" + json.dumps(render, sort_keys=True)
     digest = hashlib.sha256(identity.encode()).hexdigest()
     return f"qb-{digest[:12]}"
 
@@ -179,3 +184,15 @@ def update_job_record(store: Store, plan: JobPlan, *, tries: int = 5) -> bool:
 
 def now_utc() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def resolve_context(plan: JobPlan, template_dirs=(), *, model_dir: str | None = None, store_options: dict | None = None):
+    """The ResolveContext rows of `plan` are resolved with (on the driver, for planning and results)."""
+    from jobs.manifest import ResolveContext
+    from qwen_worker.presets import get_preset
+
+    render = plan.render or {}
+    return ResolveContext(preset=get_preset(plan.model), job_seed=plan.seed, template_dirs=tuple(template_dirs),
+                          base=plan.input_base or None, job_loras=tuple(render.get("lora", ())),
+                          speed=render.get("speed", "standard"), lightning_lora=render.get("lightning_lora"),
+                          model_dir=model_dir, store_options=dict(store_options or {}))

@@ -13,10 +13,9 @@ import io
 import numpy as np
 
 from jobs.ledger import Ledger, outcome_columns
-from jobs.manifest import COLUMN_TYPES, ResolveContext, iter_resolved
+from jobs.manifest import COLUMN_TYPES, iter_resolved
 from jobs.manifest.read import iter_batches
-from jobs.plan import JobPlan, open_job_manifest
-from qwen_worker.presets import get_preset
+from jobs.plan import JobPlan, open_job_manifest, resolve_context
 from qwen_worker.stores import Store
 
 RESULTS_KEY = "results.parquet"
@@ -40,6 +39,9 @@ def result_schema():
         ("prompt", pa.string()),
         ("negative_prompt", pa.string()),
         ("template", pa.string()),
+        ("inputs", pa.list_(pa.string())),  # input images (edit models, references), then the mask
+        ("loras", pa.list_(pa.string())),  # source:scale of each adapter (the Lightning one included)
+        ("speed", pa.string()),
         *outcome_columns(),
     ]
 
@@ -68,7 +70,7 @@ def write_results(store: Store, plan: JobPlan, ledger: Ledger, template_dirs=())
     renamed = passthrough_names(manifest_schema.names)
     ours = result_schema()
     schema = pa.schema(ours + [manifest_schema.field(name).with_name(target) for name, target in renamed.items()])
-    context = ResolveContext(preset=get_preset(plan.model), job_seed=plan.seed, template_dirs=tuple(template_dirs))
+    context = resolve_context(plan, template_dirs, store_options=store.worker_options())
     passthrough = iter_batches(parquet_file, plan.manifest, columns=list(renamed)) if renamed else None
     ledger_table = ledger.table
     buffer = io.BytesIO()
@@ -104,6 +106,7 @@ def write_results(store: Store, plan: JobPlan, ledger: Ledger, template_dirs=())
                 "prompt": pc.if_else(valid, resolved.prompt, pa.scalar(None, pa.string())),
                 "negative_prompt": pc.if_else(valid, resolved.negative_prompt, pa.scalar(None, pa.string())),
                 "template": resolved.template,
+                **_extras_columns(resolved),
             }
             for name, type_ in outcome_columns():
                 columns[name] = from_ledger(name, None, type_)
@@ -120,3 +123,16 @@ def read_results(store: Store):
     import pyarrow.parquet as pq
 
     return pq.read_table(io.BytesIO(store.get(RESULTS_KEY)))
+
+
+def _extras_columns(resolved) -> dict:
+    """inputs / loras / speed of each row, as results.parquet shows them."""
+    import pyarrow as pa
+
+    extras, valid = resolved.extras, resolved.valid
+    inputs = [[ref.uri for ref in (*extras.inputs[i], *([extras.masks[i]] if extras.masks[i] else []))] if valid[i]
+              else None for i in range(resolved.size)]
+    loras = [[ref.describe() for ref in extras.loras[i]] if valid[i] else None for i in range(resolved.size)]
+    speeds = [extras.speeds[i] if valid[i] else None for i in range(resolved.size)]
+    return {"inputs": pa.array(inputs, pa.list_(pa.string())), "loras": pa.array(loras, pa.list_(pa.string())),
+            "speed": pa.array(speeds, pa.string())}

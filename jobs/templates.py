@@ -40,6 +40,7 @@ TEMPLATE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 PARAM_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 
 _TEMPLATE_FIELDS = {"name", "description", "language", "aspect_ratio", "negative_prompt", "params", "prompt"}
+_OPTIONAL_FIELDS = {"inputs"}  # editing templates: what each input image of a row is
 _PARAM_FIELDS = {"description", "required", "default", "example", "alternatives"}
 _QUOTES = {"en": ('"', '"'), "zh": ("\u201c", "\u201d")}  # "…" and “…”
 # `quoted` marks its output with these two private-use characters so that the whitespace tidy-up
@@ -222,6 +223,7 @@ class Template:
     params: Mapping[str, Param]
     prompt: str  # the Jinja2 source
     source: str = ""  # the file it came from
+    inputs: tuple = ()  # editing templates: a description of each input image a row gives (`image`/`images`)
     sha256: str = ""  # of the file's text: a job's identity includes the templates its rows use
     _compiled: Any = field(default=None, repr=False, compare=False)
 
@@ -299,9 +301,12 @@ def _template_from_mapping(data: Any, source: str) -> Template:
     missing = sorted(_TEMPLATE_FIELDS - set(data))
     if missing:
         raise bad(f"missing field(s) {_ticks(missing)}")
-    unknown = sorted(set(data) - _TEMPLATE_FIELDS)
+    unknown = sorted(set(data) - _TEMPLATE_FIELDS - _OPTIONAL_FIELDS)
     if unknown:
-        raise bad(f"unknown field(s) {_ticks(unknown)} (expected: {_ticks(sorted(_TEMPLATE_FIELDS))})")
+        raise bad(f"unknown field(s) {_ticks(unknown)} (expected: {_ticks(sorted(_TEMPLATE_FIELDS | _OPTIONAL_FIELDS))})")
+    inputs = data.get("inputs") or []
+    if not isinstance(inputs, list) or not all(isinstance(item, str) and item.strip() for item in inputs) or len(inputs) > 3:
+        raise bad(f"`inputs` must be a list of up to 3 descriptions of the row's input images, got: {_show(inputs)}")
 
     name = data["name"]
     if not isinstance(name, str) or not TEMPLATE_NAME_RE.match(name):
@@ -382,6 +387,7 @@ def _template_from_mapping(data: Any, source: str) -> Template:
         params=params,
         prompt=data["prompt"],
         source=source,
+        inputs=tuple(item.strip() for item in inputs),
         _compiled=compiled,
     )
     for variant in range(max(len(p.examples) for p in params.values()) if params else 1):

@@ -43,6 +43,10 @@ def show_template(name, template_dirs):
     click.echo(f"language:        {template.language}")
     click.echo(f"aspect_ratio:    {template.aspect_ratio} ({width}x{height})")
     click.echo(f"negative_prompt: {template.negative_prompt!r}")
+    if template.inputs:
+        click.echo("input images (an editing template: give them as `image` / `images`, with an edit model):")
+        for number, description in enumerate(template.inputs, 1):
+            click.echo(f"  {number}. {description}")
     click.echo("params:")
     for param in template.params.values():
         rule = "required" if param.required else f"optional, default {json.dumps(param.default, ensure_ascii=False)}"

@@ -65,7 +65,15 @@ class ResolveContext:
     preset: ModelPreset
     job_seed: int = 0
     template_dirs: tuple[str, ...] = ()
+    base: str | None = None  # relative input and LoRA paths are relative to this (the manifest's directory)
+    job_loras: tuple[str, ...] = ()  # --lora: adapters added to every row (source[:scale])
+    speed: str = "standard"  # --speed: rows without a `speed` use it
+    lightning_lora: str | None = None  # --lightning-lora: the Lightning LoRA instead of the preset's
+    model_dir: str | None = None  # where hf:// LoRAs are looked for first (<model_dir>/lightning/)
+    store_options: dict = field(default_factory=dict)  # s3:// inputs and LoRAs: endpoint settings
     _library: Any = None
+    _inputs: Any = None
+    _loras: Any = None
     render_cache: dict = field(default_factory=dict)  # (template, params) -> prompt or error
 
     def template_library(self):
@@ -74,6 +82,26 @@ class ResolveContext:
 
             self._library = load_library(self.template_dirs)
         return self._library
+
+    def input_index(self):
+        """Input images looked up so far (jobs.manifest.inputs.InputIndex), kept for the run."""
+        if self._inputs is None:
+            from jobs.manifest.inputs import InputIndex
+
+            self._inputs = InputIndex(self.store_options)
+        return self._inputs
+
+    def lora_index(self):
+        if self._loras is None:
+            from jobs.manifest.loras import LoraIndex
+
+            self._loras = LoraIndex(self.preset, store_options=self.store_options, model_dir=self.model_dir)
+        return self._loras
+
+    @property
+    def has_row_extras(self) -> bool:
+        """Whether job options add LoRAs or a speed preset to every row."""
+        return bool(self.job_loras) or self.speed != "standard"
 
 
 @dataclass
@@ -126,6 +154,10 @@ def known_columns(schema, extra: tuple[str, ...] = ()) -> list[str]:
 def validate_manifest(source: str, context: ResolveContext, *, version: str | None = None) -> ManifestSummary:
     """Check every row; raise ManifestError listing every error, else return a summary."""
     use_system_allocator()
+    if context.base is None:
+        from qwen_worker.lora.spec import base_of
+
+        context.base = base_of(source)
     parquet_file = open_parquet(source, version=version)
     schema = parquet_file.schema_arrow
     errors = check_columns(schema)
@@ -193,11 +225,13 @@ def render_rows(resolved: ResolvedBatch, offsets) -> list[RenderRow]:
     columns = [resolved.ids.take(take).to_pylist(), resolved.prompt.take(take).to_pylist(),
                resolved.negative_prompt.take(take).to_pylist(), resolved.format.take(take).to_pylist(),
                resolved.keys.take(take).to_pylist()]
+    extras = resolved.extras
     return [
         RenderRow(row_index=resolved.start + int(offset), id=row_id, prompt=prompt, negative_prompt=negative,
                   width=int(resolved.width[offset]), height=int(resolved.height[offset]),
                   steps=int(resolved.steps[offset]), true_cfg_scale=float(resolved.true_cfg_scale[offset]),
-                  seed=int(resolved.seed[offset]), keys=tuple(keys), format=fmt)
+                  seed=int(resolved.seed[offset]), keys=tuple(keys), format=fmt, inputs=extras.inputs[offset],
+                  mask=extras.masks[offset], loras=extras.loras[offset], speed=extras.speeds[offset])
         for offset, row_id, prompt, negative, fmt, keys in zip(offsets.tolist(), *columns)
     ]
 

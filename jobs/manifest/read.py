@@ -32,6 +32,12 @@ COLUMN_TYPES = {
     "num_images": ("integer", "integer"),
     "format": ("string", "text"),
     "output_key": ("string", "text"),
+    "image": ("string", "text (a path relative to the manifest, an absolute path or an s3:// URI)"),
+    "images": ("text_list", "a list of text (paths or s3:// URIs), or text holding a JSON list"),
+    "mask": ("string", "text (a path or s3:// URI)"),
+    "lora": ("text_list", "text (source[:scale], several separated by ';') or a list of text"),
+    "speed": ("string", "text"),
+    "text": ("text_list", "text or a list of text"),
 }
 
 
@@ -107,6 +113,8 @@ def _family(arrow_type) -> str:
         return "map"
     if pa.types.is_null(arrow_type):
         return "null"
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_list_view(arrow_type):
+        return f"list<{_family(arrow_type.value_type)}>"
     return str(arrow_type)
 
 
@@ -115,6 +123,7 @@ _ALLOWED = {
     "integer": {"integer", "null"},
     "number": {"number", "integer", "null"},
     "params": {"string", "binary", "struct", "map", "null"},
+    "text_list": {"string", "binary", "null", "list<string>", "list<binary>", "list<null>"},
 }
 
 
@@ -223,3 +232,52 @@ def iter_batches(parquet_file, source: str, *, columns: list[str] | None = None,
                 f"manifest {source} is corrupt: row group {group} (rows {group_start}-{group_start + rows - 1}) cannot be read: "
                 f"{_one_line(exc)}"
             ) from None
+
+
+def as_text_lists(array) -> tuple[list, dict[int, str]]:
+    """A text or list-of-text column as Python values per row: None, or a list of strings (text
+    holding a JSON list is that list; other text, split on ';', for `lora`-style columns the
+    caller's). Returns (values, {offset: problem}) for values that are not text."""
+    import json
+
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    if pa.types.is_null(array.type):
+        return [None] * len(array), {}
+    problems: dict[int, str] = {}
+    if _family(array.type).startswith("list<"):
+        if pa.types.is_list_view(array.type):
+            array = array.cast(pa.list_(array.type.value_type))
+        values = []
+        flat = as_text(array.flatten())
+        offsets = array.offsets.to_pylist()
+        items = flat.array.to_pylist()
+        valid = array.is_valid().to_pylist()
+        start_of = offsets[0]
+        for offset in range(len(array)):
+            if not valid[offset]:
+                values.append(None)
+                continue
+            lo, hi = offsets[offset] - start_of, offsets[offset + 1] - start_of
+            if any(lo <= bad < hi for bad in flat.bad_rows):
+                problems[offset] = "must be UTF-8 text"
+            values.append(items[lo:hi])
+        return values, problems
+    text = as_text(array)
+    values = text.array.to_pylist()
+    for offset in text.bad_rows:
+        problems[offset] = "must be UTF-8 text"
+    for offset, value in enumerate(values):
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                problems[offset] = "must be a JSON list of text when it starts with '['"
+                continue
+            if not isinstance(parsed, list) or not all(isinstance(item, str) for item in parsed):
+                problems[offset] = "must be a JSON list of text when it starts with '['"
+                continue
+            values[offset] = parsed
+    return values, problems

@@ -30,12 +30,14 @@ EXTENSIONS = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}
 MAX_SEED = 2**63 - 9
 # CJK ideographs, CJK punctuation, full-width forms: a prompt with any of them is Chinese for `auto`
 CJK_PATTERN = r"[\x{3400}-\x{4DBF}\x{4E00}-\x{9FFF}\x{F900}-\x{FAFF}\x{3000}-\x{303F}\x{FF00}-\x{FFEF}]"
-TEXT_COLUMNS = ("id", "prompt", "template", "negative_prompt", "aspect_ratio", "language", "format", "output_key")
+TEXT_COLUMNS = ("id", "prompt", "template", "negative_prompt", "aspect_ratio", "language", "format", "output_key",
+                "image", "mask", "speed")
 INT_COLUMNS = ("width", "height", "steps", "seed", "num_images")
 # the order of a row's errors: its fields in column order (as the manifest table lists them)
 FIELD_ORDER = {name: order for order, name in enumerate((
     "id", "prompt", "template", "params", "negative_prompt", "width", "height", "aspect_ratio", "steps",
-    "true_cfg_scale", "seed", "language", "num_images", "format", "output_key"))}
+    "true_cfg_scale", "seed", "language", "num_images", "format", "output_key", "image", "images", "mask", "lora",
+    "speed", "text"))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +171,7 @@ class ResolvedBatch:
     output_key: Any
     keys: Any = None  # list<string> of image keys (jobs.manifest.keys)
     templates_used: dict = field(default_factory=dict)  # name -> sha256 of the templates valid rows use
+    extras: Any = None  # RowExtras: input images, mask, LoRAs, speed per row (jobs.manifest.extras)
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,10 +308,23 @@ def resolve_batch(batch, start: int, context, *, with_seeds: bool = False, extra
         errors.add(order, name, rule, mask, values)
         broken |= mask
 
+    # stage 2b: input images, LoRAs and speed (rows naming files: the files are looked up once, in parallel)
+    from jobs.manifest.extras import resolve_extras
+
+    extras = resolve_extras(errors, batch, text, ints, raw, broken, context)
+    broken = errors.failing(n)
+
     # stage 3: template rows (a render each)
     template_names = text["template"].array
-    rendered, negatives, aspects, languages, used = _render_templates(
+    rendered, negatives, aspects, languages, used, wants = _render_templates(
         errors, context, template_names, params, np.flatnonzero(has["template"] & ~broken))
+    failing = errors.failing(n) if wants else None
+    for offset, count in wants.items():  # an editing template says how many input images a row gives
+        if count != len(extras.inputs[offset]) and not failing[offset]:
+            errors.add_message(offset, 32, sentence_error(
+                start + offset, ids[offset].as_py(), "template",
+                f"template {template_names[offset].as_py()!r} edits {count} input image(s) (`image` / `images`), "
+                f"the row gives {len(extras.inputs[offset])}", template_names[offset].as_py()))
     broken = errors.failing(n)
 
     # stage 4: size limits of the model, output_key's extension against `format`
@@ -318,7 +334,8 @@ def resolve_batch(batch, start: int, context, *, with_seeds: bool = False, extra
         in_range = _mask(pc.and_(pc.greater_equal(values, preset.min_size), pc.less_equal(values, preset.max_size)))
         errors.add(40, name, f"must be between {preset.size_limits_text()} for model {preset.name!r}", given & ~in_range,
                    original)
-        errors.add(40, name, "must be a multiple of 16", given & in_range & _mask(pc.not_equal(pc.bit_wise_and(values, 15), 0)),
+        step = preset.size_multiple
+        errors.add(40, name, f"must be a multiple of {step}", given & in_range & (_np_int(values, 0) % step != 0),
                    original)
     fmt_filled = pc.fill_null(fmt, "png")
     last_segment = pc.replace_substring_regex(output_key, r"^.*/", "")
@@ -338,15 +355,18 @@ def resolve_batch(batch, start: int, context, *, with_seeds: bool = False, extra
     prompt_text = pc.if_else(pa.array(has["template"]), rendered, prompt)
     negative = pc.coalesce(text["negative_prompt"].array, negatives, pa.scalar(" "))
     ratio = pc.coalesce(aspect, aspects, pa.scalar("1:1"))
-    ratio_w = _map_ratio(ratio, 0)
-    ratio_h = _map_ratio(ratio, 1)
+    ratio_w, ratio_h = _ratio_sizes(ratio, preset)
     width_out = np.where(has_width, _np_int(width, 0), ratio_w)
     height_out = np.where(has_width, _np_int(height, 0), ratio_h)
+    extras.default_sizes(width_out, height_out, has_width | has["aspect_ratio"], valid)
     language_given = pc.coalesce(language, languages, pa.scalar("auto"))
     chinese = pc.match_substring_regex(pc.fill_null(prompt_text, ""), CJK_PATTERN)
     resolved_language = pc.if_else(pc.equal(language_given, "auto"), pc.if_else(chinese, "zh", "en"), language_given)
-    suffix = pc.if_else(pc.equal(resolved_language, "zh"), PROMPT_SUFFIX["zh"], PROMPT_SUFFIX["en"])
-    final_prompt = pc.binary_join_element_wise(pc.fill_null(prompt_text, ""), suffix, "")
+    if preset.prompt_suffix:
+        suffix = pc.if_else(pc.equal(resolved_language, "zh"), PROMPT_SUFFIX["zh"], PROMPT_SUFFIX["en"])
+        final_prompt = pc.binary_join_element_wise(pc.fill_null(prompt_text, ""), suffix, "")
+    else:
+        final_prompt = pc.fill_null(prompt_text, "")
     seeds = None
     if with_seeds:
         from jobs.manifest.seeds import derive_seeds
@@ -354,12 +374,12 @@ def resolve_batch(batch, start: int, context, *, with_seeds: bool = False, extra
         seeds = np.where(_valid(seed), _np_int(seed, 0), derive_seeds(context.job_seed, ids, valid))
     resolved = ResolvedBatch(
         start=start, size=n, errors=errors, valid=valid, ids=ids, prompt=final_prompt, negative_prompt=negative,
-        width=width_out, height=height_out, steps=_np_int(steps, preset.default_steps),
-        true_cfg_scale=np.asarray(pc.fill_null(cfg, float(preset.default_true_cfg_scale)).to_numpy(zero_copy_only=False),
-                                  dtype=np.float64),
+        width=width_out, height=height_out, steps=extras.steps(_np_int(steps, preset.default_steps), _valid(steps)),
+        true_cfg_scale=extras.cfg(np.asarray(pc.fill_null(cfg, float(preset.default_true_cfg_scale)).to_numpy(
+            zero_copy_only=False), dtype=np.float64), _valid(cfg)),
         num_images=_np_int(num_images, 1), format=fmt_filled, language=resolved_language,
         template=template_names, seed=seeds, output_key=output_key,
-        templates_used={name: sha for name, sha in used.items()},
+        templates_used={name: sha for name, sha in used.items()}, extras=extras,
     )
     from jobs.manifest.keys import image_keys_array
 
@@ -387,6 +407,25 @@ def _key_rules(errors: BatchErrors, output_key, has_key: np.ndarray) -> None:
         broken |= mask
 
 
+def _ratio_sizes(ratio, preset) -> tuple[np.ndarray, np.ndarray]:
+    """Width and height of each row's aspect ratio: Qwen-Image's table for text-to-image presets,
+    the preset's target area at that ratio (multiples of 32) for the others."""
+    if preset.family == "qwen-image":
+        return _map_ratio(ratio, 0), _map_ratio(ratio, 1)
+    from qwen_worker.models.qwen_image_edit import area_size
+
+    names = list(ASPECT_RATIOS)
+    step = preset.size_multiple
+    sizes = [area_size(preset.target_area, ASPECT_RATIOS[name][0] / ASPECT_RATIOS[name][1]) for name in names]
+    table_w = np.array([w // step * step for w, _h in sizes] + [0], dtype=np.int64)
+    table_h = np.array([h // step * step for _w, h in sizes] + [0], dtype=np.int64)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    index = _np_int(pc.index_in(ratio, value_set=pa.array(names)), len(names))
+    return table_w[index], table_h[index]
+
+
 def _map_ratio(ratio, axis: int) -> np.ndarray:
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -403,7 +442,8 @@ def _map_ratio(ratio, axis: int) -> np.ndarray:
 
 def _render_templates(errors: BatchErrors, context, names, params, offsets: np.ndarray):
     """Render the template rows at `offsets`: (prompts, negative prompts, aspect ratios, languages)
-    as arrays over the batch (null elsewhere), and {name: sha256} of the templates used."""
+    as arrays over the batch (null elsewhere), {name: sha256} of the templates used, and {offset:
+    input images} of rows whose template is an editing one."""
     import pyarrow as pa
 
     n = len(names)
@@ -412,6 +452,7 @@ def _render_templates(errors: BatchErrors, context, names, params, offsets: np.n
     aspects: list = [None] * n
     languages: list = [None] * n
     used: dict[str, str] = {}
+    wants: dict[int, int] = {}  # offset -> input images its (editing) template edits
     if len(offsets):
         library = context.template_library()
         cache = context.render_cache
@@ -446,8 +487,10 @@ def _render_templates(errors: BatchErrors, context, names, params, offsets: np.n
             prompts[offset], negatives[offset] = result, template.negative_prompt
             aspects[offset], languages[offset] = template.aspect_ratio, template.language
             used[name] = template.sha256
+            if template.inputs:
+                wants[offset] = len(template.inputs)
     return (pa.array(prompts, type=pa.string()), pa.array(negatives, type=pa.string()),
-            pa.array(aspects, type=pa.string()), pa.array(languages, type=pa.string()), used)
+            pa.array(aspects, type=pa.string()), pa.array(languages, type=pa.string()), used, wants)
 
 
 class _BadParams(Exception):

@@ -57,6 +57,14 @@ def write_template(directory, file_stem, **overrides):
 # the shipped templates
 
 
+def test_the_editing_scenarios_ship_as_templates_that_say_what_their_input_images_are():
+    editing = {name: LIBRARY.get(name).inputs for name in BUILTIN_NAMES if LIBRARY.get(name).inputs}
+    assert {"edit-replace-object", "edit-remove-object", "edit-restyle", "edit-pose", "edit-sign-text",
+            "edit-product-background", "edit-compose-product-scene"} <= set(editing)
+    assert editing["edit-compose-product-scene"] == ("the product photo", "the scene")  # a multi-image one
+    assert "quoted" in LIBRARY.get("edit-sign-text").prompt  # new text drawn verbatim
+
+
 def test_at_least_twelve_scenarios_ship_including_the_core_ones():
     assert len(BUILTIN_NAMES) >= 12
     for name in ("travel-guide-bilingual", "luxury-product-ad", "product-poster", "government-notice",
@@ -71,7 +79,7 @@ def test_every_shipped_template_renders_its_examples_with_the_text_quoted_verbat
     assert template.language in ("en", "zh", "auto")
     assert template.aspect_ratio in ASPECT_RATIOS
     quoted = quoted_params(template)
-    assert quoted, f"{name} draws no quoted text"
+    assert quoted or template.inputs, f"{name} draws no quoted text"  # editing templates may only change a picture
     variants = max(len(p.examples) for p in template.params.values())
     for variant in range(variants):
         params = template.sample_params(variant)
