@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -97,6 +98,7 @@ class InputIndex:
         self.threads = threads
         self.found: dict[str, InputInfo] = {}
         self._stores: dict = {}
+        self._lock = threading.Lock()
 
     def lookup(self, uris) -> None:
         todo = [uri for uri in dict.fromkeys(uris) if uri not in self.found]
@@ -135,9 +137,10 @@ class InputIndex:
         return _check(uri, etag.strip('"'), nbytes, size)
 
     def _store(self, bucket: str):
-        store = self._stores.get(bucket)
-        if store is None:
-            from qwen_worker.stores import open_store
+        with self._lock:  # one client per bucket, made once (making one takes ~0.1 s of the GIL)
+            store = self._stores.get(bucket)
+            if store is None:
+                from qwen_worker.stores import open_store
 
-            store = self._stores[bucket] = open_store(f"s3://{bucket}", **self.store_options)
-        return store
+                store = self._stores[bucket] = open_store(f"s3://{bucket}", **self.store_options)
+            return store

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 import uuid
 from typing import Callable, TypeVar
@@ -92,6 +93,10 @@ def _is_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, (EndpointConnectionError, ConnectTimeoutError))
 
 
+_CLIENT_LOCK = threading.Lock()
+MAX_POOL_CONNECTIONS = 32  # parallel gets (ledger, input images) and puts (the store pool)
+
+
 class S3Store(Store):
     def __init__(
         self,
@@ -136,7 +141,9 @@ class S3Store(Store):
     @property
     def client(self):
         if self._client is None:
-            self._client = self._make_client()
+            with _CLIENT_LOCK:  # threads of one worker or validator share one client (thread-safe once made)
+                if self._client is None:
+                    self._client = self._make_client()
         return self._client
 
     def _make_client(self):
@@ -149,6 +156,7 @@ class S3Store(Store):
             retries={"mode": "standard", "total_max_attempts": self.client_max_attempts},
             connect_timeout=self.connect_timeout,
             read_timeout=self.read_timeout,
+            max_pool_connections=MAX_POOL_CONNECTIONS,
         )
         region = self.region or session.region_name or "us-east-1"
         client = session.client("s3", region_name=region, config=config, endpoint_url=self.endpoint_url)
