@@ -27,6 +27,7 @@ COMMANDS = {
     "df11": ("jobs.cli.df11_cmd", "df11", "DFloat11-compress a fine-tuned or LoRA-merged Qwen-Image transformer (CPU)."),
     "report": ("jobs.cli.report_cmd", "report", "Write DEST/report.html: a gallery of the job's images, prompts, status and timings."),
     "doctor": ("jobs.cli.doctor_cmd", "doctor", "Check GPUs, CUDA, dfloat11, host RAM, the offload plan, model files, S3 and Ray for a model."),
+    "text-check": ("jobs.cli.textcheck_cmd", "text_check", "OCR existing images (files, s3:// keys, a job output) and score the text they show."),
 }
 
 
