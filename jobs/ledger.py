@@ -46,6 +46,11 @@ def outcome_columns() -> list:
         ("error_kind", pa.string()),
         ("inputs_sha256", pa.list_(pa.string())),  # each input image (and mask) as the worker read it
         ("loras_sha256", pa.list_(pa.string())),  # each LoRA file as the worker loaded it
+        ("text_score", pa.list_(pa.float64())),  # --check-text: per image, the stored attempt's score
+        ("text_read", pa.list_(pa.string())),  # per image, what the OCR read
+        ("text_missing", pa.list_(pa.string())),  # expected strings missing from the row's images
+        ("image_seeds", pa.list_(pa.int64())),  # per image, the seed of what is stored (a re-roll's differs)
+        ("rerolls", pa.int32()),
     ]
 
 

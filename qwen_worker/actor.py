@@ -18,7 +18,9 @@ from __future__ import annotations
 import collections
 import os
 import socket
+import threading
 import time
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
@@ -27,7 +29,7 @@ from qwen_worker.errors import ObjectExistsError, StoreAccessError, UserError, W
 from qwen_worker.failures import ErrorKind, classify, describe, is_fatal_cuda_error
 from qwen_worker.presets import get_preset
 from qwen_worker.provenance import image_provenance, stored_own_image
-from qwen_worker.render import ImageTask, micro_batches, render_splitting_on_oom
+from qwen_worker.render import ImageTask, batches_of, micro_batches, render_splitting_on_oom
 from qwen_worker.rows import RenderRow, RowResult, RowStatus
 from qwen_worker.stores import open_store, sha256_hex
 
@@ -54,6 +56,7 @@ class RenderWorker:
         check_stored: bool = True,
         png_compression: int = DEFAULT_PNG_COMPRESSION,
         lora_cache_bytes: int | None = None,
+        text_check: dict | None = None,
     ):
         """`existing` says what to do with an image already stored at a row's key: "ours" keeps it
         when its embedded provenance is this row's (a crash came before the ledger, or another copy
@@ -75,6 +78,9 @@ class RenderWorker:
         self.adapters = None  # qwen_worker.lora.cache.AdapterCache, made when a row first asks for a LoRA
         self.problem: str | None = None  # why this worker cannot work (reported by ready())
         self.fits: dict[tuple, int] = {}  # batch key -> images per call that fit after an out-of-memory split
+        self.text_check = _TextCheckOptions(**text_check) if text_check is not None else None
+        self._best: dict[tuple, _Attempt] = {}  # (row, image) -> best attempt so far while re-rolling
+        self._best_lock = threading.Lock()
         self.preset = get_preset(model)
         self.reader = InputReader(store_options, model_dir)
         from qwen_worker.metrics import WorkerMetrics
@@ -143,29 +149,34 @@ class RenderWorker:
         pending = {row.row_index: _RowProgress(row) for row in rows}
         look = look_first or self.check_stored
         storing: collections.deque = collections.deque()  # (tasks, [(task, future)]) in render order
+        size = lambda row: self.images_per_call(row, batch_size)  # noqa: E731
+        batches = micro_batches(rows, size)
         with ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store") as pool:
-            for tasks in micro_batches(rows, lambda row: self.images_per_call(row, batch_size)):
-                storing.append((tasks, self._render_batch(tasks, pending, look, pool)))
-                while storing and (len(storing) > BATCHES_STORING or all(f.done() for _t, f in storing[0][1])):
-                    finished = self._settle(*storing.popleft(), pending)
+            while batches is not None:
+                rerolls: list[ImageTask] = []
+                for tasks in batches:
+                    storing.append((tasks, self._render_batch(tasks, pending, look, pool)))
+                    while storing and (len(storing) > BATCHES_STORING or all(f.done() for _t, f in storing[0][1])):
+                        finished = self._settle(*storing.popleft(), pending, rerolls)
+                        if any(r.error_kind == ErrorKind.WORKER.value for r in finished) and (pending or storing):
+                            yield self._hand_back(finished, storing, pending)
+                            return
+                        if finished:
+                            yield finished
+                while storing:
+                    finished = self._settle(*storing.popleft(), pending, rerolls)
                     if any(r.error_kind == ErrorKind.WORKER.value for r in finished) and (pending or storing):
                         yield self._hand_back(finished, storing, pending)
                         return
                     if finished:
                         yield finished
-            while storing:
-                finished = self._settle(*storing.popleft(), pending)
-                if any(r.error_kind == ErrorKind.WORKER.value for r in finished) and (pending or storing):
-                    yield self._hand_back(finished, storing, pending)
-                    return
-                if finished:
-                    yield finished
+                batches = batches_of(rerolls, size) if rerolls else None  # images whose text read back poorly
 
     def _hand_back(self, finished: list[RowResult], storing, pending: dict) -> list[RowResult]:
         """After a worker error: what is still being stored settles, the rest goes back unrendered."""
         error = next(r.error for r in finished if r.error_kind == ErrorKind.WORKER.value)
         while storing:
-            finished += self._settle(*storing.popleft(), pending)
+            finished += self._settle(*storing.popleft(), pending, [])
         handed_back = WorkerError(f"not attempted after a worker error: {error}")
         return finished + [progress.abandon(handed_back, self.name) for progress in pending.values()]
 
@@ -181,6 +192,8 @@ class RenderWorker:
                 continue
             if stored is not None:
                 pending[task.row.row_index].add(task.index, sha256_hex(stored), rendered=False)
+            elif look and self._rerolling(task) and task.attempt == 0:
+                to_render.append(self._resume_rerolls(task))
             else:
                 to_render.append(task)
         try:
@@ -201,7 +214,7 @@ class RenderWorker:
         stores = []
         for task, image in zip(to_render, images):
             pending[task.row.row_index].render_s += render_s
-            stores.append((task, pool.submit(self._store_image, task, image, pending[task.row.row_index].extra())))
+            stores.append((task, pool.submit(self._finish_image, task, image, pending[task.row.row_index].extra())))
         return stores
 
     def _read_inputs(self, tasks: list[ImageTask], pending: dict) -> tuple[dict, list[ImageTask]]:
@@ -256,44 +269,114 @@ class RenderWorker:
             return builtin_lora_bytes(uri[len(BUILTIN_PREFIX):], linears)
         return self.reader.read(uri)
 
-    def _store_image(self, task: ImageTask, image, extra: dict) -> tuple[str, bool, float]:
-        """(On the store pool.) Encode and conditionally store one image, hashing it once: (sha256
-        of what is stored, whether it is what we rendered, seconds). On a conflict the stored object
-        stays when it carries this row's provenance (another copy of the row was first, with other
-        bytes); one made from an older version of the row's inputs is replaced."""
+    def _rerolling(self, task: ImageTask) -> bool:
+        check = self.text_check
+        return check is not None and check.min_score is not None and check.max_rerolls > 0 and bool(task.row.expected_text)
+
+    def _finish_image(self, task: ImageTask, image, extra: dict) -> "_Outcome":
+        """(On the store pool.) Read back its text when asked (OCR), then either keep the image as an
+        attempt to beat (its text scored below --min-text-score and re-rolls remain) or store the
+        best attempt of the image at its key."""
+        started = time.perf_counter()
+        check = self._check_text(task, image)
+        attempt_extra = dict(extra)
+        if check is not None:  # the OCR's reading goes into the image: a resume scores it again without OCR
+            attempt_extra.update(text_score=None if check.score is None else round(check.score, 4), text_read=check.read)
+        if task.attempt:
+            attempt_extra.update(attempt=task.attempt, attempt_seed=task.seed)
+        data = encode_image(image, task.row.format, self.provenance(task, attempt_extra),
+                            png_compression=self.png_compression)
+        current = _Attempt(task.attempt, task.seed, check, data)
+        if self._rerolling(task):
+            with self._best_lock:
+                best = self._best.get((task.row.row_index, task.index))
+                if best is None or current.better_than(best):
+                    best = self._best[(task.row.row_index, task.index)] = current
+            if task.attempt < self.text_check.max_rerolls and not best.good_enough(self.text_check.min_score):
+                self.store.put(task.attempt_key, data, content_type=content_type(task.row.format))  # resumable
+                return _Outcome(reroll=True, seconds=time.perf_counter() - started)
+            with self._best_lock:
+                self._best.pop((task.row.row_index, task.index), None)
+            current = best
+        sha, rendered = self._store_final(task, current.data)
+        if self._rerolling(task) and not self.text_check.keep_rerolls:
+            for attempt in range(task.attempt + 1):
+                self.store.delete(ImageTask(task.row, task.index, attempt).attempt_key)
+        return _Outcome(sha256=sha, rendered=rendered, seconds=time.perf_counter() - started, check=current.check,
+                        seed=current.seed, rerolls=task.attempt)
+
+    def _check_text(self, task: ImageTask, image):
+        if self.text_check is None or not task.row.expected_text:
+            return None
+        from qwen_worker.textcheck import check_image
+
+        return check_image(image, list(task.row.expected_text))
+
+    def _resume_rerolls(self, task: ImageTask) -> ImageTask:
+        """A re-rolled image whose job was killed: its attempts kept so far (under rerolls/) count,
+        and rendering goes on with the next one instead of starting again."""
+        from qwen_worker.encode import read_provenance
+        from qwen_worker.provenance import is_own
+        from qwen_worker.textcheck import score_text
+
+        expected = self.provenance(task)
+        last = None
+        for attempt in range(self.text_check.max_rerolls):
+            kept = ImageTask(task.row, task.index, attempt)
+            try:
+                data = self.store.get(kept.attempt_key)
+            except KeyError:
+                break
+            found = read_provenance(data)
+            if not is_own(found, expected) or "text_read" not in found:
+                break
+            attempt_record = _Attempt(attempt, kept.seed, score_text(found["text_read"], list(task.row.expected_text)), data)
+            with self._best_lock:
+                best = self._best.get((task.row.row_index, task.index))
+                if best is None or attempt_record.better_than(best):
+                    self._best[(task.row.row_index, task.index)] = attempt_record
+            last = attempt
+        return task if last is None else ImageTask(task.row, task.index, last + 1)
+
+    def _store_final(self, task: ImageTask, data: bytes) -> tuple[str, bool]:
+        """Conditionally store an image's bytes at its key, hashing them once: (sha256 of what is
+        stored, whether it is what we rendered). On a conflict the stored object stays when it
+        carries this row's provenance (another copy of the row was first, with other bytes); one
+        made from an older version of the row's inputs is replaced."""
         from qwen_worker.encode import read_provenance
         from qwen_worker.provenance import is_own, is_stale_own
 
-        started = time.perf_counter()
-        provenance = self.provenance(task, extra)
-        data = encode_image(image, task.row.format, provenance, png_compression=self.png_compression)
         digest = sha256_hex(data)
         try:
             self.store.put_new(task.key, data, content_type=content_type(task.row.format), sha256=digest)
-            return digest, True, time.perf_counter() - started
+            return digest, True
         except ObjectExistsError:
             if self.existing == "replace":
                 raise
             stored = self.store.get(task.key)
-            found = read_provenance(stored)
+            found, provenance = read_provenance(stored), self.provenance(task)
             if is_stale_own(found, provenance):  # an input changed since that image was made
                 self.store.put(task.key, data, content_type=content_type(task.row.format))
-                return digest, True, time.perf_counter() - started
+                return digest, True
             if not is_own(found, provenance):
                 raise
-            return sha256_hex(stored), False, time.perf_counter() - started
+            return sha256_hex(stored), False
 
-    def _settle(self, tasks: list[ImageTask], stores: list, pending: dict) -> list[RowResult]:
-        """Apply a batch's store outcomes to its rows; the results of the rows now settled."""
+    def _settle(self, tasks: list[ImageTask], stores: list, pending: dict, rerolls: list) -> list[RowResult]:
+        """Apply a batch's outcomes to its rows (a re-roll joins `rerolls`); the rows now settled."""
         for task, future in stores:
             progress = pending[task.row.row_index]
             try:
-                sha, rendered, upload_s = future.result()
+                outcome = future.result()
             except Exception as exc:
                 progress.fail(exc)
                 continue
-            progress.upload_s += upload_s
-            progress.add(task.index, sha, rendered=rendered)
+            progress.upload_s += outcome.seconds
+            if outcome.reroll:
+                rerolls.append(ImageTask(task.row, task.index, task.attempt + 1))
+                continue
+            progress.add(task.index, outcome.sha256, rendered=outcome.rendered)
+            progress.add_text(task.index, outcome.check, outcome.seed, outcome.rerolls)
         return self._collect(tasks, pending)
 
     def images_per_call(self, row: RenderRow, batch_size: int) -> int:
@@ -355,6 +438,45 @@ class RenderWorker:
             self._retries_reported = retries
 
 
+@dataclass(frozen=True)
+class _TextCheckOptions:
+    min_score: float | None = None
+    max_rerolls: int = 0
+    keep_rerolls: bool = False
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """One rendering of an image while its text is re-rolled: the best one is stored."""
+
+    attempt: int
+    seed: int
+    check: object  # qwen_worker.textcheck.TextCheck
+    data: bytes
+
+    def good_enough(self, min_score: float) -> bool:
+        return self.check is None or self.check.score is None or self.check.score >= min_score
+
+    def better_than(self, other: "_Attempt") -> bool:
+        """A higher score wins; on a tie the earlier attempt (the row's own seed first)."""
+        mine = -1.0 if self.check is None or self.check.score is None else self.check.score
+        theirs = -1.0 if other.check is None or other.check.score is None else other.check.score
+        return mine > theirs or (mine == theirs and self.attempt < other.attempt)
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """How one rendered image ended on the store pool: stored (with its text check), or to re-roll."""
+
+    reroll: bool = False
+    sha256: str = ""
+    rendered: bool = True
+    seconds: float = 0.0
+    check: object = None
+    seed: int | None = None
+    rerolls: int = 0
+
+
 class _RowProgress:
     def __init__(self, row: RenderRow):
         self.row = row
@@ -367,6 +489,16 @@ class _RowProgress:
         self.error = ""
         self.error_kind = ""
         self.failed_images = 0
+        self.text: dict[int, object] = {}  # image -> TextCheck of its stored attempt
+        self.seeds: dict[int, int] = {}  # image -> the seed its stored image was rendered with
+        self.rerolls = 0
+
+    def add_text(self, index: int, check, seed: int | None, rerolls: int) -> None:
+        if check is not None:
+            self.text[index] = check
+        if seed is not None:
+            self.seeds[index] = seed
+        self.rerolls += rerolls
 
     def add(self, index: int, sha256: str, *, rendered: bool) -> None:
         self.sha256[index] = sha256
@@ -419,7 +551,23 @@ class _RowProgress:
             inputs_sha256=extra.get("inputs_sha256", []),
             loras_sha256=extra.get("loras_sha256", []),
             input_digest=self.row.input_digest(),
+            **self.text_columns(),
         )
+
+    def text_columns(self) -> dict:
+        """The row's --check-text outcome (empty lists when no image was checked)."""
+        if not self.text:
+            return {"image_seeds": [self.seeds.get(i, s) for i, s in enumerate(self.row.image_seeds())] if self.seeds else []}
+        images = range(len(self.row.keys))
+        missing = list(dict.fromkeys(m for check in self.text.values() for m in check.missing))
+        return {
+            "text_score": [None if i not in self.text or self.text[i].score is None else round(self.text[i].score, 4)
+                           for i in images],
+            "text_read": [self.text[i].read if i in self.text else "" for i in images],
+            "text_missing": missing,
+            "image_seeds": [self.seeds.get(i, seed) for i, seed in enumerate(self.row.image_seeds())],
+            "rerolls": self.rerolls,
+        }
 
 
 def _node_ip() -> str:

@@ -17,10 +17,12 @@ from qwen_worker.rows import RenderRow
 
 @dataclass(frozen=True)
 class ImageTask:
-    """One image to render: image `index` of `row`."""
+    """One image to render: image `index` of `row`; `attempt` > 0 is a re-roll (another seed, derived
+    from the image's own) of an image whose text read back too poorly (--check-text)."""
 
     row: RenderRow
     index: int
+    attempt: int = 0
 
     @property
     def key(self) -> str:
@@ -28,7 +30,18 @@ class ImageTask:
 
     @property
     def seed(self) -> int:
-        return self.row.image_seeds()[self.index]
+        return reroll_seed(self.row.image_seeds()[self.index], self.attempt)
+
+    @property
+    def attempt_key(self) -> str:
+        """Where this attempt is kept while (or, with --keep-rerolls, after) its row is re-rolled."""
+        stem, dot, ext = self.key.rpartition(".")
+        return f"rerolls/{stem}-r{self.attempt}.{ext}" if dot else f"rerolls/{self.key}-r{self.attempt}"
+
+
+def reroll_seed(seed: int, attempt: int) -> int:
+    """The seed of re-roll `attempt` of an image whose seed is `seed` (attempt 0: the seed itself)."""
+    return seed if attempt == 0 else (seed + attempt * 0x9E3779B97F4A7C15) % (2**63 - 9)
 
 
 def micro_batches(rows: Iterable[RenderRow], batch_size: int | Callable[[RenderRow], int]) -> Iterator[list[ImageTask]]:
@@ -38,10 +51,14 @@ def micro_batches(rows: Iterable[RenderRow], batch_size: int | Callable[[RenderR
 
     Deterministic for a given row list, so the same shard renders the same calls everywhere.
     """
+    return batches_of([ImageTask(row, index) for row in rows for index in range(len(row.keys))], batch_size)
+
+
+def batches_of(tasks: Iterable[ImageTask], batch_size: int | Callable[[RenderRow], int]) -> Iterator[list[ImageTask]]:
+    """Tasks grouped by their row's shape key, in first-seen order, in chunks of at most `batch_size`."""
     groups: dict[tuple, list[ImageTask]] = {}
-    for row in rows:
-        for index in range(len(row.keys)):
-            groups.setdefault(row.shape_key, []).append(ImageTask(row, index))
+    for task in tasks:
+        groups.setdefault(task.row.shape_key, []).append(task)
     for tasks in groups.values():
         start = 0
         while start < len(tasks):

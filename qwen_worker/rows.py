@@ -64,6 +64,7 @@ class RenderRow:
     mask: InputRef | None = None  # inpainting mask
     loras: tuple[LoraRef, ...] = ()  # sorted: the same set in another order is the same set
     speed: str = "standard"  # or "lightning-8" / "lightning-4" (its LoRA is among `loras`)
+    expected_text: tuple[str, ...] = ()  # what --check-text reads back (the `text` column, or the prompt's quotes)
 
     @property
     def shape_key(self) -> tuple:
@@ -101,6 +102,13 @@ class RowResult:
     inputs_sha256: list[str] = field(default_factory=list)  # of each input image (and the mask), as read
     loras_sha256: list[str] = field(default_factory=list)  # of each LoRA file, as loaded
     input_digest: str = ""  # RenderRow.input_digest() of what was rendered
+    # --check-text, one entry per image (None/empty when not checked): the score of the stored image,
+    # what the OCR read, the seed it was rendered with (another than `seed` after a re-roll)
+    text_score: list = field(default_factory=list)
+    text_read: list[str] = field(default_factory=list)
+    text_missing: list[str] = field(default_factory=list)  # expected strings missing from any stored image
+    image_seeds: list[int] = field(default_factory=list)
+    rerolls: int = 0  # images rendered again with another seed because their text read back too poorly
 
     def to_record(self) -> dict:
         record = dataclasses.asdict(self)
@@ -116,4 +124,7 @@ class RowResult:
         values["inputs_sha256"] = list(values.get("inputs_sha256") or [])
         values["loras_sha256"] = list(values.get("loras_sha256") or [])
         values["input_digest"] = values.get("input_digest") or ""
+        for name in ("text_score", "text_read", "text_missing", "image_seeds"):
+            values[name] = list(values.get(name) or [])
+        values["rerolls"] = int(values.get("rerolls") or 0)
         return cls(**values)
