@@ -40,7 +40,9 @@ _READ_BATCH_ROWS = 4096
 _KNOWN_COLUMNS = (
     "id", "status", "keys", "sha256", "seed", "width", "height", "steps", "true_cfg_scale", "format", "prompt",
     "negative_prompt", "template", "render_s", "upload_s", "attempts", "rendered", "worker", "error",
+    "inputs", "loras", "speed", "text_score", "text_read", "text_missing", "image_seeds", "rerolls",
 )  # fmt: skip
+_HIDDEN_COLUMNS = ("error_kind", "inputs_sha256", "loras_sha256")  # bookkeeping: not shown on the cards
 _MAX_EXTRA_COLUMNS = 8
 _MAX_EXTRA_CHARS = 200
 
@@ -82,7 +84,8 @@ def render_report(
         ) from None
     totals, failed, others = _scan(results, max_cards)
     shown = (failed + others)[:max_cards]
-    cards = "\n".join(_card(row, image_url) for row in shown)
+    input_url = _input_linker(store, link, image_url)
+    cards = "\n".join(_card(row, image_url, input_url) for row in shown)
     return _page(plan, store.uri, totals, cards, len(shown), link_note)
 
 
@@ -120,7 +123,7 @@ def _scan(data: bytes, max_cards: int):
     import pyarrow.parquet as pq
 
     parquet_file = pq.ParquetFile(io.BytesIO(data))
-    extra = [name for name in parquet_file.schema_arrow.names if name not in _KNOWN_COLUMNS]
+    extra = [name for name in parquet_file.schema_arrow.names if name not in _KNOWN_COLUMNS + _HIDDEN_COLUMNS]
     extra = extra[:_MAX_EXTRA_COLUMNS]
     totals = {"rows": 0, "done": 0, "failed": 0, "pending": 0, "images": 0,
               "render_s_total": 0.0, "upload_s_total": 0.0}  # fmt: skip
@@ -195,6 +198,14 @@ def _card(row: dict, image_url) -> str:
         else:
             what = "not stored" if status != "pending" else "pending"
             thumbs.append(f'<div class="missing" title="{_e(key)}"><span>{what}</span><code>{_e(key)}</code></div>')
+    sources = []
+    for n, source in enumerate(row.get("inputs") or []):
+        url = input_url(source)
+        name = source.rsplit("/", 1)[-1]
+        sources.append(f'<a class="input" href="{_e(url)}" target="_blank" rel="noopener noreferrer" title="{_e(source)}">'
+                       f'<img src="{_e(url)}" loading="lazy" alt="input {n + 1}: {_e(name)}"></a>' if url else
+                       f'<div class="input missing" title="{_e(source)}"><code>{_e(name)}</code></div>')
+    inputs_html = f'<div class="inputs"><span>inputs</span>{"".join(sources)}</div>' if sources else ""
     meta = [
         ("template", row.get("template") or "–"),
         ("seed", row.get("seed")),
@@ -206,6 +217,10 @@ def _card(row: dict, image_url) -> str:
         ("render", _seconds(row.get("render_s"))),
         ("upload", _seconds(row.get("upload_s"))),
     ]
+    if row.get("loras"):
+        meta.append(("LoRAs", ", ".join(lora.rsplit("/", 1)[-1] for lora in row["loras"])))
+    if row.get("speed") and row["speed"] != "standard":
+        meta.append(("speed", row["speed"]))
     if row.get("worker"):
         meta.append(("worker", row["worker"]))
     if row.get("rendered") is False and status == "done":
@@ -221,10 +236,10 @@ def _card(row: dict, image_url) -> str:
         negative_html = f'<p class="negative"><strong>negative</strong> {_e(negative)}</p>'
     return (
         f'<article class="card {_e(status)}" data-status="{_e(status)}" id="row-{_e(row.get("id"))}">'
-        f'<div class="thumbs n{min(len(keys), 4)}">{"".join(thumbs)}</div>'
+        f'{inputs_html}<div class="thumbs n{min(len(keys), 4)}">{"".join(thumbs)}</div>'
         f'<div class="body"><h2><span class="badge {_e(status)}">{_e(status)}</span> '
         f'<code class="rid">{_e(row.get("id"))}</code></h2>{error}'
-        f'<p class="prompt">{_e(row.get("prompt"))}</p>{negative_html}<dl class="meta">{meta_html}</dl></div>'
+        f'<p class="prompt">{_e(row.get("prompt"))}</p>{negative_html}{_text_html(row)}<dl class="meta">{meta_html}</dl></div>'
         "</article>"
     )
 
@@ -276,6 +291,10 @@ h2{margin:0 0 6px;font-size:14px;display:flex;gap:8px;align-items:center}
 font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre-wrap;word-break:break-word}
 .prompt{margin:0 0 6px;white-space:pre-wrap;word-break:break-word;max-height:9.5em;overflow:auto}
 .negative{margin:0 0 6px;color:var(--muted);white-space:pre-wrap;word-break:break-word}
+.inputs{display:flex;gap:4px;align-items:center;padding:6px 8px;background:var(--bg);font-size:11px;color:var(--muted)}
+.inputs img{height:56px;width:auto;border-radius:4px;border:1px solid var(--line)}
+.inputs .missing{padding:4px;border:1px dashed var(--line);border-radius:4px}
+.text{margin:4px 0;font-size:12px}.text.low{color:var(--failed)}.text mark{background:#fde2e1}
 .meta{display:grid;grid-template-columns:auto 1fr;gap:1px 10px;margin:0;font-size:12px}
 .meta dt{color:var(--muted)}.meta dd{margin:0;word-break:break-word}
 footer{padding:0 28px 28px;color:var(--muted)}

@@ -225,13 +225,16 @@ def render_rows(resolved: ResolvedBatch, offsets) -> list[RenderRow]:
     columns = [resolved.ids.take(take).to_pylist(), resolved.prompt.take(take).to_pylist(),
                resolved.negative_prompt.take(take).to_pylist(), resolved.format.take(take).to_pylist(),
                resolved.keys.take(take).to_pylist()]
+    from qwen_worker.textcheck import expected_texts
+
     extras = resolved.extras
     return [
         RenderRow(row_index=resolved.start + int(offset), id=row_id, prompt=prompt, negative_prompt=negative,
                   width=int(resolved.width[offset]), height=int(resolved.height[offset]),
                   steps=int(resolved.steps[offset]), true_cfg_scale=float(resolved.true_cfg_scale[offset]),
                   seed=int(resolved.seed[offset]), keys=tuple(keys), format=fmt, inputs=extras.inputs[offset],
-                  mask=extras.masks[offset], loras=extras.loras[offset], speed=extras.speeds[offset])
+                  mask=extras.masks[offset], loras=extras.loras[offset], speed=extras.speeds[offset],
+                  expected_text=tuple(expected_texts(prompt, extras.texts[offset])))
         for offset, row_id, prompt, negative, fmt, keys in zip(offsets.tolist(), *columns)
     ]
 

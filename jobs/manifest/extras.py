@@ -15,7 +15,8 @@ import numpy as np
 from jobs.manifest.rules import row_error
 
 # error order within a row (after the fields' own rules, with the combinations)
-_ORDER = {"image": 25, "images": 25, "mask": 26, "lora": 27, "speed": 28, "steps": 29, "true_cfg_scale": 29}
+_ORDER = {"image": 25, "images": 25, "mask": 26, "lora": 27, "speed": 28, "steps": 29, "true_cfg_scale": 29,
+          "text": 15}
 
 
 @dataclass
@@ -27,12 +28,13 @@ class RowExtras:
     masks: list = field(default_factory=list)  # InputRef or None
     loras: list = field(default_factory=list)  # tuple of LoraRef per row
     speeds: list = field(default_factory=list)
+    texts: list = field(default_factory=list)  # the `text` column: None, or the strings the image must show
     lightning_steps: dict = field(default_factory=dict)  # offset -> steps of its Lightning speed
     preset: object = None
 
     @classmethod
     def empty(cls, size: int, speed: str = "standard", preset=None) -> "RowExtras":
-        return cls(size, [()] * size, [None] * size, [()] * size, [speed] * size, preset=preset)
+        return cls(size, [()] * size, [None] * size, [()] * size, [speed] * size, [None] * size, preset=preset)
 
     def default_sizes(self, width: np.ndarray, height: np.ndarray, given: np.ndarray, valid: np.ndarray) -> None:
         """Rows with input images and no size of their own take the model's size for their inputs."""
@@ -79,6 +81,11 @@ def resolve_extras(errors, batch, text: dict, ints: dict, raw: dict, broken: np.
     preset = context.preset
     extras = RowExtras.empty(n, context.speed, preset)
     names = set(batch.schema.names)
+    if "text" in names:
+        extras.texts, problems = as_text_lists(_column(batch, "text"))
+        for offset, problem in problems.items():
+            errors.add_message(offset, _ORDER["text"], row_error(errors.start + offset, errors.ids[offset].as_py(), "text",
+                                                                 problem, None))
     if not (names & {"image", "images", "mask", "lora", "speed"}) and not context.has_row_extras:
         if preset.min_inputs:  # an edit model and no input column at all
             errors.add(_ORDER["image"], "image", f"is required by model {preset.name!r} (give `image` or `images`)",
