@@ -56,6 +56,7 @@ class OffloadPlan:
     requested: str = "auto"  # the --offload value it answers
     device: str = "cuda"  # "cuda" | "cpu"
     free_vram_gb: float = 0.0  # free GPU memory the plan was made for (before the model loaded)
+    prefetch: bool = False  # copy the next offloaded block's DF11 tensors on a side stream (qwen_worker.df11.prefetch)
 
     @property
     def label(self) -> str:
@@ -93,15 +94,28 @@ class OffloadPlan:
         return self.describe()
 
 
+PREFETCH_SUFFIX = "+prefetch"  # `--offload auto+prefetch`: copy the next offloaded block on a side stream
+
+
+def split_prefetch(requested: str) -> tuple[str, bool]:
+    """(the plan part of an `--offload` value, whether it asks for side-stream prefetching)."""
+    if isinstance(requested, str) and requested.endswith(PREFETCH_SUFFIX):
+        return requested[: -len(PREFETCH_SUFFIX)], True
+    return requested, False
+
+
 def parse_offload(requested: str, *, num_blocks: int = QWEN_IMAGE_BLOCKS) -> tuple[str, int | None]:
-    """("auto" | "none" | "model" | "blocks", N or None) for an `--offload` value."""
-    if requested in ("auto", "none", "model"):
-        return requested, None
-    match = re.fullmatch(r"blocks:([0-9]{1,4})", requested) if isinstance(requested, str) else None
+    """("auto" | "none" | "model" | "blocks", N or None) for an `--offload` value (a `+prefetch`
+    suffix allowed: qwen_worker.df11.prefetch)."""
+    plain, _prefetch = split_prefetch(requested)
+    if plain in ("auto", "none", "model"):
+        return plain, None
+    match = re.fullmatch(r"blocks:([0-9]{1,4})", plain) if isinstance(plain, str) else None
     if match and 1 <= int(match.group(1)) <= num_blocks:
         return "blocks", int(match.group(1))
     raise UserError(
-        f"`--offload` must be auto, none, model or blocks:N (N = 1..{num_blocks}), got: {requested!r}"
+        f"`--offload` must be auto, none, model or blocks:N (N = 1..{num_blocks}), optionally with +prefetch, "
+        f"got: {requested!r}"
     )
 
 
@@ -252,15 +266,19 @@ def choose_offload_plan(
             why += "; host copies pinned"
         else:
             why += f"; host copies not pinned (pinning needs ~{pinned_extra:.1f} GB more host RAM)"
+    prefetch = split_prefetch(requested)[1] and mode == "blocks"
+    if prefetch:
+        why += "; the next offloaded block is copied on a side stream while the current one runs"
     return OffloadPlan(
         mode=mode,
         cpu_offload_blocks=n if mode == "blocks" else None,
         pin_memory=pin,
-        expected_peak_vram_gb=round(peak(mode, n), 2),
+        expected_peak_vram_gb=round(peak(mode, n) + (fp.block_offload_gb if prefetch else 0.0), 2),
         host_ram_needed_gb=round(need, 2),
         reason=why,
         requested=requested,
         free_vram_gb=round(free_vram_gb, 2),
+        prefetch=prefetch,
     )
 
 

@@ -113,6 +113,10 @@ def load_real_pipeline(
             decode_df11_into(transformer, files.df11_dir)
         else:
             _load_df11_with_dfloat11(transformer, files.df11_dir, plan)
+            if plan.prefetch:
+                from qwen_worker.df11.prefetch import enable_prefetch
+
+                enable_prefetch(transformer)
         pipe = pipeline_class.from_pretrained(files.base_dir, transformer=transformer, dtype=torch.bfloat16)
     else:
         pipe = pipeline_class.from_pretrained(files.base_dir, dtype=torch.bfloat16)

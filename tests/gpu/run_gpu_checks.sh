@@ -30,4 +30,6 @@ rm -rf "$TMP"
 status=0
 "$PYTHON" -m pytest tests/gpu -m gpu -v -s -rs -p no:cacheprovider --basetemp "$TMP" "$@" || status=$?
 rm -rf "$TMP"
+# speed figures: s/forward resident, offloaded, offloaded with side-stream prefetch; s/image at 50 steps and Lightning-8
+"$PYTHON" bench/bench_gpu.py || status=$?
 exit "$status"

@@ -37,8 +37,19 @@ def plan(requested="auto", *, preset=DF11, free=24.0, host=128.0, **kwargs) -> O
 
 @pytest.mark.parametrize("value", ["blocks:x", "blocks:0", "blocks:61", "blocks:", "Blocks:3", "blocks:-1", "", "cpu", " none", "blocks:٣"])
 def test_malformed_offload_values_are_refused_with_the_value(value):
-    with pytest.raises(UserError, match=rf"^`--offload` must be auto, none, model or blocks:N \(N = 1\.\.60\), got: {re.escape(repr(value))}$"):
+    expected = (r"^`--offload` must be auto, none, model or blocks:N \(N = 1\.\.60\), optionally with \+prefetch, got: "
+                + re.escape(repr(value)) + "$")
+    with pytest.raises(UserError, match=expected):
         parse_offload(value)
+
+
+def test_prefetch_is_a_suffix_that_only_block_offload_uses():
+    assert parse_offload("blocks:7+prefetch") == ("blocks", 7)
+    chosen = plan("auto+prefetch", free=24.0)
+    assert (chosen.mode, chosen.prefetch) == ("blocks", True)
+    assert chosen.expected_peak_vram_gb == pytest.approx(plan(free=24.0).expected_peak_vram_gb + DF11.footprint.block_offload_gb)
+    assert chosen.reason.endswith("the next offloaded block is copied on a side stream while the current one runs")
+    assert plan("auto+prefetch", free=80.0).prefetch is False  # nothing offloaded: nothing to prefetch
 
 
 def test_offload_values_parse():
@@ -49,7 +60,8 @@ def test_offload_values_parse():
 
 def test_the_block_range_follows_the_model():
     assert parse_offload("blocks:70", num_blocks=80) == ("blocks", 70)
-    with pytest.raises(UserError, match=r"^`--offload` must be auto, none, model or blocks:N \(N = 1\.\.2\), got: 'blocks:3'$"):
+    with pytest.raises(UserError, match=r"^`--offload` must be auto, none, model or blocks:N \(N = 1\.\.2\), optionally with "
+                                        r"\+prefetch, got: 'blocks:3'$"):
         plan("blocks:3", num_blocks=2)
 
 
@@ -191,7 +203,7 @@ def test_a_plan_serialises_for_job_json_and_logs_in_one_line():
     assert data == {
         "mode": "blocks", "cpu_offload_blocks": 18, "pin_memory": True, "expected_peak_vram_gb": 22.03,
         "host_ram_needed_gb": 52.13, "reason": chosen.reason, "requested": "auto", "device": "cuda", "label": "blocks:18",
-        "free_vram_gb": 24.0,
+        "free_vram_gb": 24.0, "prefetch": False,
     }
     assert str(chosen) == chosen.describe() == (
         "offload blocks:18 on cuda: peak ~22.0 GB GPU memory, ~52.1 GB host RAM; " + chosen.reason
