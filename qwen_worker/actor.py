@@ -393,8 +393,8 @@ class RenderWorker:
         plan = self.model.offload_plan if self.model is not None else None
         if plan is None:  # tiny models: no memory plan
             return DEFAULT_IMAGES_PER_CALL
-        megapixels = (row.width * row.height + len(row.inputs) * self.preset.input_area) / 1e6
-        return auto_batch_size(plan, preset=self.preset, megapixels=megapixels)
+        return auto_batch_size(plan, preset=self.preset, megapixels=row.width * row.height / 1e6,
+                               input_megapixels=len(row.inputs) * self.preset.input_area / 1e6)
 
     def provenance(self, task: ImageTask, extra: dict | None = None) -> dict:
         return image_provenance(task.row, task.index, model=self.preset.name, manifest_sha256=self.manifest_sha256,

@@ -129,10 +129,11 @@ def _min_free_for(peak_gb: float) -> float:
     return (peak_gb + HEADROOM_GB) / (1 - HEADROOM_FRACTION)
 
 
-def _stage_peaks(fp: MemoryFootprint, mode: str, blocks: int, images: int, megapixels: float) -> dict[str, float]:
+def _stage_peaks(fp: MemoryFootprint, mode: str, blocks: int, images: int, megapixels: float,
+                 input_megapixels: float = 0.0) -> dict[str, float]:
     """Estimated GPU memory of each pipeline stage (GB) under a plan."""
     text_act = TEXT_ACTIVATION_GB_PER_IMAGE * images
-    transformer_act = fp.activation_gb_per_mp * megapixels * images
+    transformer_act = fp.activation_gb_per_mp * (megapixels + input_megapixels) * images  # inputs are tokens too
     vae_act = fp.vae_decode_gb_per_mp * megapixels * images
     if mode == "none":  # every weight resident; one stage's activations at a time
         weights = fp.text_encoder_gb + fp.vae_gb + fp.transformer_gb + fp.decode_buffer_gb
@@ -169,14 +170,21 @@ def choose_offload_plan(
     host_ram_gb: float,
     num_blocks: int = QWEN_IMAGE_BLOCKS,
     images_per_call: int = DEFAULT_IMAGES_PER_CALL,
-    megapixels: float = DEFAULT_MEGAPIXELS,
+    megapixels: float | None = None,
+    input_megapixels: float | None = None,
     device: str = "cuda",
 ) -> OffloadPlan:
     """The offload plan for `--offload requested` on a GPU with `free_vram_gb` free and a host with
     `host_ram_gb` available (GB). `images_per_call` x `megapixels` is the largest render call
-    (micro-batch size x image size). Raises UserError for a malformed value, a plan that cannot
+    (micro-batch size x image size; default: the preset's largest default output), and
+    `input_megapixels` the input images of one image (edit models: their tokens join the
+    transformer's sequence; default: the preset's most inputs at its input area). Raises UserError for a malformed value, a plan that cannot
     fit, or too little host RAM."""
     kind, blocks = parse_offload(requested, num_blocks=num_blocks)
+    if megapixels is None:
+        megapixels = DEFAULT_MEGAPIXELS if preset.family == "qwen-image" else preset.target_area / 1e6
+    if input_megapixels is None:
+        input_megapixels = preset.max_inputs * preset.input_area / 1e6
     if device not in ("cuda", "cpu"):
         raise UserError(f"`--device` must be auto, cuda or cpu, got: {device!r}")
     name = preset.name
@@ -220,7 +228,7 @@ def choose_offload_plan(
     budget = _budget(free_vram_gb)
 
     def peak(mode: str, n: int) -> float:
-        return _largest(_stage_peaks(fp, mode, n, images_per_call, megapixels))[1]
+        return _largest(_stage_peaks(fp, mode, n, images_per_call, megapixels, input_megapixels))[1]
 
     if kind == "auto":
         none_peak, model_peak = peak("none", 0), peak("model", 0)
@@ -233,9 +241,9 @@ def choose_offload_plan(
                 "transformer and VAE take turns on the GPU (model CPU offload)"
             )
         else:
-            mode, n = "blocks", _fewest_blocks(fp, budget, images_per_call, megapixels)
+            mode, n = "blocks", _fewest_blocks(fp, budget, images_per_call, megapixels, input_megapixels)
             floor_stages = _stage_peaks(fp, "blocks" if is_df11 else "model", num_blocks if is_df11 else 0,
-                                        images_per_call, megapixels)
+                                        images_per_call, megapixels, input_megapixels)
             stage, floor_peak = _largest(floor_stages)
             if not is_df11 or n > num_blocks or floor_peak > budget:
                 raise UserError(_too_small(name, fp, free_vram_gb, stage, floor_peak, is_df11))
@@ -282,7 +290,8 @@ def choose_offload_plan(
     )
 
 
-def auto_batch_size(plan: OffloadPlan, *, preset: ModelPreset, megapixels: float, limit: int = 8) -> int:
+def auto_batch_size(plan: OffloadPlan, *, preset: ModelPreset, megapixels: float, input_megapixels: float = 0.0,
+                    limit: int = 8) -> int:
     """`--batch-size auto`: the most images of `megapixels` each that one pipeline call can render
     under `plan` within the GPU memory the plan was made for (at least 1, at most `limit`).
     Small models and CPU workers get DEFAULT_IMAGES_PER_CALL."""
@@ -293,17 +302,17 @@ def auto_batch_size(plan: OffloadPlan, *, preset: ModelPreset, megapixels: float
     blocks = plan.cpu_offload_blocks or 0
     best = 1
     for images in range(2, limit + 1):
-        if _largest(_stage_peaks(fp, plan.mode, blocks, images, megapixels))[1] > budget:
+        if _largest(_stage_peaks(fp, plan.mode, blocks, images, megapixels, input_megapixels))[1] > budget:
             break
         best = images
     return best
 
 
-def _fewest_blocks(fp: MemoryFootprint, budget: float, images: int, megapixels: float) -> int:
+def _fewest_blocks(fp: MemoryFootprint, budget: float, images: int, megapixels: float, input_megapixels: float = 0.0) -> int:
     """The fewest offloaded DF11 blocks that bring the transformer stage within `budget`."""
     if fp.block_offload_gb <= 0:
         return 0
-    whole = _stage_peaks(fp, "blocks", 1, images, megapixels)["transformer"] + fp.block_offload_gb
+    whole = _stage_peaks(fp, "blocks", 1, images, megapixels, input_megapixels)["transformer"] + fp.block_offload_gb
     return max(1, math.ceil((whole - budget) / fp.block_offload_gb - 1e-9))
 
 

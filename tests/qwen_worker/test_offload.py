@@ -324,3 +324,20 @@ def test_doctor_reaches_a_listening_ray_address(capsys, quiet_env, monkeypatch):
     report = json.loads("\n".join(lines))
     assert code == 0 and report["ok"] is True
     assert {"name": "ray", "status": "OK", "detail": f"127.0.0.1:{port} accepts connections"} in report["checks"]
+
+
+def test_every_dfloat11_preset_and_qwen_image_2_1_get_a_plan_on_a_24_gb_card():
+    """The plan each family's preset picks for 23.5 GB free: block offload for the DF11 presets
+    (edit models offload more: their input images join the transformer's tokens), model CPU offload
+    for 2.1 (its 8 B text encoder takes turns with the 7 B transformer)."""
+    from qwen_worker.models import PRESETS
+
+    chosen = {name: plan(preset=preset, free=23.5) for name, preset in PRESETS.items()
+              if not preset.builtin and (preset.uses_df11 or preset.family == "qwen-image-2.1")}
+    labels = {name: p.label for name, p in chosen.items()}
+    assert labels == {"qwen-image-df11": "blocks:19", "qwen-image-2512-df11": "blocks:19",
+                      "qwen-image-edit-df11": "blocks:20", "qwen-image-edit-2509-df11": "blocks:26",
+                      "qwen-image-edit-2511-df11": "blocks:26", "qwen-image-2.1": "model", "qwen-image-2.1-df11": "model"}
+    assert all(p.expected_peak_vram_gb <= 23.5 for p in chosen.values())
+    with pytest.raises(UserError, match=r"model 'qwen-image-edit-2511' needs at least 46\.6 GB of free GPU memory"):
+        plan(preset=PRESETS["qwen-image-edit-2511"], free=23.5)
