@@ -135,12 +135,14 @@ def ship_templates(template_dirs) -> tuple[str | None, list[str]]:
 
 
 def entrypoint_for(plan, *, workers, batch_size, max_attempts, overwrite, template_dirs, model_dir, offload,
-                   device="auto", shared_fs=False) -> str:
+                   device="auto", shared_fs=False, first_worker_timeout_s=None) -> str:
     args = ["qwen-batch", "submit", plan.manifest, "--output", plan.output, "--model", plan.model,
             "--seed", str(plan.seed), "--shard-size", str(plan.shard_size), "--batch-size", str(batch_size or "auto"),
             "--max-attempts", str(max_attempts), "--offload", offload, "--device", device, "--no-progress"]
     if workers:
         args += ["--workers", str(workers)]
+    if first_worker_timeout_s is not None:
+        args += ["--first-worker-timeout", f"{first_worker_timeout_s:g}"]
     if overwrite:
         args.append("--overwrite")
     if model_dir:
@@ -156,11 +158,13 @@ def submit_to_cluster(manifest: str, output: str, *, address: str, model: str = 
                       shard_size: int = 32, workers=None, batch_size: int = 4, max_attempts: int = 3,
                       overwrite: bool = False, resume_anyway: bool = False, template_dirs=(), model_dir=None,
                       offload: str = "auto", wait: bool = False, echo=print, device: str = "auto",
-                      shared_fs: bool = False, forward_env=()) -> int:
+                      shared_fs: bool = False, forward_env=(), first_worker_timeout_s: float | None = None) -> int:
+    from jobs.pool import parse_workers
     from jobs.submit_api import prepare_job
-    from qwen_worker.loading import check_device_options
+    from qwen_worker.models.loading import check_device_options
 
     check_device_options(device, offload)
+    workers = parse_workers(workers)
     env = forwarded_env(forward_env)
     client = client_for(address)
     if not output.startswith("s3://") and not shared_fs:
@@ -183,7 +187,8 @@ def submit_to_cluster(manifest: str, output: str, *, address: str, model: str = 
         working_dir, shipped = ship_templates(template_dirs)
         entrypoint = entrypoint_for(plan, workers=workers, batch_size=batch_size, max_attempts=max_attempts,
                                     overwrite=overwrite, template_dirs=shipped, model_dir=model_dir,
-                                    offload=offload, device=device, shared_fs=shared_fs)
+                                    offload=offload, device=device, shared_fs=shared_fs,
+                                    first_worker_timeout_s=first_worker_timeout_s)
         runtime_env = {**({"env_vars": env} if env else {}), **({"working_dir": working_dir} if working_dir else {})}
         import logging
 

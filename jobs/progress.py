@@ -104,16 +104,20 @@ class ProgressFile:
 
     def __init__(self, store, job_id: str, bar: ProgressBar, *, interval: float = 5.0):
         self.store, self.job_id, self.bar, self.interval = store, job_id, bar, interval
+        self.pool = None  # callable: the worker pool's summary (ready / starting / pending resources)
         self._last = 0.0
+        self._pool_seen: dict | None = None
 
     def write(self, state: str = "running", *, force: bool = False) -> None:
         import datetime as dt
         import json
 
         now = time.monotonic()
-        if not force and now - self._last < self.interval:
-            return
-        self._last = now
+        pool = self.pool() if self.pool is not None else None
+        counts = {k: pool[k] for k in ("ready", "starting", "pending", "draining")} if pool else None
+        if not force and now - self._last < self.interval and counts == self._pool_seen:
+            return  # written at once when the pool changed: `status` shows a wait for nodes as it starts
+        self._last, self._pool_seen = now, counts
         eta = self.bar.eta_seconds()
         record = {
             "job_id": self.job_id,
@@ -125,6 +129,8 @@ class ProgressFile:
             "eta_s": round(eta, 1) if eta is not None else None,
             "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
+        if pool is not None:
+            record["workers"] = pool
         try:
             self.store.put(PROGRESS_KEY, json.dumps(record).encode())
         except Exception:  # progress is best effort: never stop a job for it

@@ -8,11 +8,16 @@ quarantined after a few in a row); a transient error or a lost actor retries it 
 bounded by `max_attempts`. The first success settles a row; a failure settles it only once no other
 copy of it (a straggler's, a retry) can still succeed, and never when its image is stored with this
 job's provenance. A shard's ledger file is written once all its rows have settled.
+
+How many workers there are is the pool's business (jobs.pool.WorkerPool: it grows with the work and
+the nodes that join, and releases workers when the queue runs dry); the driver asks it each turn and
+hands a draining node's unfinished rows to other workers, at no cost to their attempts.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -22,7 +27,8 @@ import numpy as np
 from jobs.ledger import COMPACT_EVERY, compact, read_ledger, write_shard_ledger
 from jobs.manifest import ResolveContext, iter_resolved, render_rows, row_messages
 from jobs.plan import JobPlan, open_job_manifest
-from jobs.pool import BUSY, IDLE, LOST, NOT_READY, QUARANTINED, RECOVERING, STARTING, WorkerSlot, record_workers, start_workers
+from jobs.pool import (BUSY, DRAINED, DRAINING, ENDED, IDLE, LOST, NOT_READY, QUARANTINED, RECOVERING, STARTING,
+                       WorkerPool, WorkerSlot, pool_line, record_workers, resources_text, start_pool, waiting_line)
 from jobs.progress import ProgressBar, ProgressFile
 from qwen_worker.errors import QwenBatchError
 from qwen_worker.failures import ErrorKind
@@ -34,7 +40,8 @@ from qwen_worker.stores import Store, sha256_hex
 
 @dataclass
 class RunOptions:
-    workers: int | None = None  # None: one per GPU, or 1 CPU actor when there is no GPU
+    workers: object = None  # --workers: N, "MIN-MAX", "auto" or a PoolSize; None: auto on a cluster, else one
+    # per GPU (or 1 CPU actor)
     batch_size: int = 4  # 0: auto, each worker fits it to its GPU memory per image shape
     max_attempts: int = 3
     retry_backoff_s: float = 1.0
@@ -47,7 +54,7 @@ class RunOptions:
     speculate: bool = True  # re-dispatch the last in-flight shards to idle workers
     new_output: bool = False  # the job was just created in its output: no stored image can be ours
     quarantine_after: int = 3  # worker errors in a row that quarantine a worker
-    ready_timeout_s: float = 1800.0  # no worker ready by then: the job stops (exit 4)
+    ready_timeout_s: float = 1800.0  # --first-worker-timeout: no worker ready by then, the job stops (exit 4)
     echo: Callable[[str], None] = field(default=lambda _text: None, repr=False)
 
 
@@ -104,6 +111,9 @@ def connect_ray(address: str | None = None) -> bool:
 
     if address:
         enable_token_auth_for_driver()  # before Ray is imported, where possible
+        # Ray's own autoscaler lines ("No available node types can fulfill ...") would interleave with the
+        # pool's "waiting for N GPUs from the autoscaler"; RAY_SCHEDULER_EVENTS=1 brings them back.
+        os.environ.setdefault("RAY_SCHEDULER_EVENTS", "0")
     import ray
 
     if ray.is_initialized():
@@ -169,9 +179,13 @@ def run_job(plan: JobPlan, store: Store, options: RunOptions, *, address: str | 
     owns_ray = connect_ray(address)
     progress_file = ProgressFile(store, plan.job_id, progress)
     slots: list[WorkerSlot] = []
+    pool = None
     state = "failed"
     try:
-        slots = start_workers(plan, options, store)
+        shards_todo = len(np.unique(np.flatnonzero(~done) // plan.shard_size))
+        pool = start_pool(plan, options, store, cluster=address is not None, work_units=shards_todo)
+        slots = pool.slots
+        progress_file.pool = pool.summary
         progress_file.write(force=True)
         from qwen_worker.metrics import DriverMetrics
 
@@ -179,16 +193,16 @@ def run_job(plan: JobPlan, store: Store, options: RunOptions, *, address: str | 
         if already_done:
             metrics.skipped.inc(already_done, metrics.tags)
         states: dict[int, _ShardState] = {}
-        driver = _Driver(plan, store, options, slots, plan_work(plan, context, ledger, done, states, parquet_file), states, progress,
-                         outcome, progress_file, metrics)
+        driver = _Driver(plan, store, options, pool, plan_work(plan, context, ledger, done, states, parquet_file), states,
+                         progress, outcome, progress_file, metrics, shards_todo=shards_todo)
         driver.run()
         state = "finished"
     finally:
+        if pool is not None:  # first: a stopped job (SIGTERM from `cancel`) has seconds before it is killed
+            pool.stop_all()
         if slots:
             progress_file.write(state, force=True)
             record_workers(store, plan, slots)
-        for slot in slots:
-            ray.kill(slot.actor, no_restart=True)
         if owns_ray:
             ray.shutdown()
     progress.close()
@@ -198,9 +212,9 @@ def run_job(plan: JobPlan, store: Store, options: RunOptions, *, address: str | 
 class _Driver:
     """The dispatch loop of one run (see the module docstring)."""
 
-    def __init__(self, plan, store, options: RunOptions, slots, fresh_work, states, progress, outcome, progress_file,
-                 metrics):
-        self.plan, self.store, self.options, self.slots = plan, store, options, slots
+    def __init__(self, plan, store, options: RunOptions, pool: WorkerPool, fresh_work, states, progress, outcome,
+                 progress_file, metrics, *, shards_todo: int = 0):
+        self.plan, self.store, self.options, self.pool, self.slots = plan, store, options, pool, pool.slots
         self.fresh_work, self.states, self.progress, self.outcome = fresh_work, states, progress, outcome
         self.progress_file, self.metrics = progress_file, metrics
         self.retry_queue: collections.deque[ShardWork] = collections.deque()
@@ -209,9 +223,10 @@ class _Driver:
         self.speculated: set[int] = set()
         self.written: list = []  # (shard index, table) of shard files not yet compacted
         self.manifest_read = False
+        self.shards_left = shards_todo  # fresh shards not yet read from the manifest (at most)
         self.started = time.monotonic()
         self.ever_ready = False
-        for slot in slots:
+        for slot in self.slots:
             self.waiting[slot.actor.ready.remote()] = slot
 
     # ------------------------------------------------------------------ the loop
@@ -227,6 +242,7 @@ class _Driver:
             if self.manifest_read and not self.states and not self.retry_queue:
                 self.compact()
                 return  # every row has settled (a straggler's slower copy may still run: it is killed)
+            self.adjust_pool()
             self.check_workers_left()
             refs = list(self.in_flight) + list(self.waiting)
             if not refs:
@@ -243,6 +259,8 @@ class _Driver:
         return [slot for slot in self.slots if slot.state == IDLE]
 
     def dispatch_idle(self) -> None:
+        if not self.pool.gate_open(time.monotonic() - self.started, self.options.ready_timeout_s):
+            return  # --workers MIN: not enough workers ready yet
         for slot in self.idle_slots():
             work = self.next_work(slot)
             if work is None:
@@ -258,6 +276,9 @@ class _Driver:
         usable = {s.name for s in self.slots if s.state in (STARTING, IDLE, BUSY, RECOVERING)}
         for _ in range(len(self.retry_queue)):
             work = self.retry_queue.popleft()
+            work.rows = [r for r in work.rows if not self.is_settled(work.shard_index, r.row_index)]
+            if not work.rows:
+                continue  # e.g. a draining worker's copy finished them first
             if work.ready_at <= now and (slot.name not in work.avoid or usable <= work.avoid):
                 return work
             self.retry_queue.append(work)
@@ -266,6 +287,7 @@ class _Driver:
             if work is None:
                 self.manifest_read = True
                 return None
+            self.shards_left = max(0, self.shards_left - 1)
             self.fail_unresolved(work)
             if work.rows:
                 self.add_copies(work)
@@ -312,6 +334,8 @@ class _Driver:
         import ray
 
         slot = self.waiting.pop(ref)
+        if slot.state in ENDED:
+            return  # released or drained while it started
         try:
             info = ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
@@ -331,21 +355,16 @@ class _Driver:
             self.not_ready(slot, info["problem"])
             return
         slot.state, slot.problem = IDLE, ""
-        self.ever_ready = True
+        self.ever_ready = self.pool.any_ready = True
 
     def not_ready(self, slot: WorkerSlot, problem: str) -> None:
-        import ray
-
-        slot.state, slot.problem = NOT_READY, problem
         line = f"{slot.where} is not ready and gets no work: {problem}"
         self.outcome.not_ready.append(line)
         self.options.echo(line)
-        ray.kill(slot.actor, no_restart=True)
+        self.pool.end(slot, NOT_READY, problem)
         record_workers(self.store, self.plan, self.slots)
 
     def quarantine(self, slot: WorkerSlot, last_error: str) -> None:
-        import ray
-
         slot.state = QUARANTINED
         slot.problem = f"{slot.worker_errors_in_a_row} worker errors in a row, the last: {last_error}"
         line = f"{slot.where} is quarantined for the rest of the job: {slot.problem}"
@@ -355,18 +374,75 @@ class _Driver:
             if owner is slot:  # its unfinished rows go to other workers, at no cost to their attempts
                 del self.in_flight[stream]
                 self.requeue(work, self.unsettled_copy_rows(work, seen), consume_attempt=False, avoid=slot)
-        ray.kill(slot.actor, no_restart=True)
+        self.pool.end(slot, QUARANTINED)
+        record_workers(self.store, self.plan, self.slots)
+
+    # ------------------------------------------------------------------ the pool: growing, draining, releasing
+
+    def work_units(self) -> int:
+        """Shards in flight or waiting for a worker: what the pool sizes itself to."""
+        fresh = 0 if self.manifest_read else self.shards_left
+        return sum(1 for s in self.slots if s.state == BUSY) + len(self.retry_queue) + fresh
+
+    def adjust_pool(self) -> None:
+        """Hand back the work of workers whose node started draining, add workers while rows wait
+        (nodes that joined get them), release those there is no work for, and show the pool."""
+        for slot in self.pool.refresh():
+            self.on_draining(slot)
+        units, dry = self.work_units(), self.manifest_read and not self.retry_queue
+        for slot in self.pool.grow(units, queue_dry=dry):
+            self.waiting[slot.actor.ready.remote()] = slot
+        released = self.pool.shrink(units, queue_dry=dry)
+        if released:
+            record_workers(self.store, self.plan, self.slots)
+        self.pool.show()
+
+    def on_draining(self, slot: WorkerSlot) -> None:
+        """The worker's node is draining (scale-down, preemption notice): it takes no more work. A busy
+        one keeps rendering its shard while a copy of the rows it has not reported goes back to the
+        queue, first in line and at no cost to their attempts (the first success wins); it is released
+        when its shard ends. Any other is released now, so the node can leave."""
+        self.options.echo(f"{slot.where} stops taking work: {slot.problem}; its unfinished rows go back to the "
+                          "queue (no attempt counted)")
+        if slot.state != BUSY:
+            self.pool.end(slot, DRAINED)
+            record_workers(self.store, self.plan, self.slots)
+            return
+        slot.state = DRAINING
+        for owner, work, seen in list(self.in_flight.values()):
+            rows = self.unsettled(work, seen) if owner is slot else []
+            if rows:
+                self.speculated.add(work.shard_index)  # this copy is its second one
+                copy = ShardWork(work.shard_index, rows, work.attempt, look_first=True, avoid=work.avoid | {slot.name})
+                self.add_copies(copy)
+                self.retry_queue.appendleft(copy)
+
+    def drained(self, slot: WorkerSlot, stream, work: ShardWork, seen: set[int]) -> None:
+        """A draining worker's shard ended (finished, or the worker went with its node): its copy of the
+        rows ends here, the queued copy carries the rest; the worker is released."""
+        del self.in_flight[stream]
+        self.unsettled_copy_rows(work, seen)  # its copies end; the rows it never reported are queued already
+        state = self.states.get(work.shard_index)
+        if state is not None:
+            self.settle_tentative(work, state)
+        self.pool.end(slot, DRAINED)
         record_workers(self.store, self.plan, self.slots)
 
     def check_workers_left(self) -> None:
-        usable = [s for s in self.slots if s.state in (STARTING, IDLE, BUSY, RECOVERING)]
-        if usable:
-            if not self.ever_ready and time.monotonic() - self.started > self.options.ready_timeout_s:
+        pool = self.pool
+        if not self.ever_ready and time.monotonic() - self.started > self.options.ready_timeout_s:
+            summary, limit = pool.summary(), f"{self.options.ready_timeout_s:g}"
+            if summary["pending"]:
                 raise QwenBatchError(
-                    f"no worker became ready within {self.options.ready_timeout_s:.0f} s "
-                    f"({len(usable)} still starting: the cluster may lack the resources they ask for)")
-            return
-        problems = "; ".join(f"{s.where}: {s.state}" + (f" ({s.problem})" if s.problem else "") for s in self.slots)
+                    f"no worker became ready within {limit} s: {waiting_line(summary)} (no node has room for a worker "
+                    f"asking {resources_text(pool.resources)}; let the cluster's autoscaler add such nodes, or raise "
+                    "--first-worker-timeout)")
+            raise QwenBatchError(f"no worker became ready within {limit} s ({pool_line(summary)}: loading the model "
+                                 "took longer; raise --first-worker-timeout)")
+        if pool.live() or pool.with_state(DRAINING) or (pool.room() > 0 and self.work_units() > 0):
+            return  # working, or the pool adds workers for what is left
+        problems = "; ".join(f"{s.where}: {s.state}" + (f" ({s.problem})" if s.problem else "")
+                             for s in self.slots if s.state in (NOT_READY, QUARANTINED, LOST))
         if not self.ever_ready:
             raise QwenBatchError(f"no worker is ready, nothing was rendered: {problems}")
         raise QwenBatchError(f"no worker left; stored rows are kept, run the same submit again to resume: {problems}")
@@ -380,23 +456,34 @@ class _Driver:
         try:
             results = ray.get(next(stream))
         except StopIteration:  # the shard is finished on this actor
+            if slot.state == DRAINING:
+                self.drained(slot, stream, work, seen)
+                return
             del self.in_flight[stream]
             self.release(slot)
             return
-        except ray.exceptions.ActorDiedError as exc:  # gone for good (restarts used up, node lost)
-            del self.in_flight[stream]
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayTaskError) as exc:
+            if slot.state == DRAINING:  # whatever ended it (its node left at the deadline): the queued copy has its rows
+                self.drained(slot, stream, work, seen)
+            else:
+                self.on_stream_error(slot, stream, work, seen, exc)
+            return
+        self.on_results(slot, work, seen, results)
+
+    def on_stream_error(self, slot: WorkerSlot, stream, work: ShardWork, seen: set[int], exc: Exception) -> None:
+        import ray
+
+        del self.in_flight[stream]
+        if isinstance(exc, ray.exceptions.ActorDiedError):  # gone for good (restarts used up, node lost)
             slot.state = LOST
             slot.problem = _first_line(exc)
             self.requeue(work, self.unsettled_copy_rows(work, seen), error=f"worker lost: {_first_line(exc)}")
-            return
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-            del self.in_flight[stream]  # Ray is restarting it: only its unfinished rows go back
+        elif isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+            # Ray is restarting it: only its unfinished rows go back
             self.requeue(work, self.unsettled_copy_rows(work, seen), error=f"worker lost: {_first_line(exc)}")
             slot.state = RECOVERING
             self.waiting[slot.actor.ready.remote()] = slot
-            return
-        except ray.exceptions.RayTaskError as exc:  # the shard call itself raised
-            del self.in_flight[stream]
+        else:  # the shard call itself raised
             cause = exc.cause if exc.cause is not None else exc
             from qwen_worker.failures import classify, describe
 
@@ -409,8 +496,6 @@ class _Driver:
             else:
                 self.requeue(work, rows, error=describe(cause))
                 self.release(slot)
-            return
-        self.on_results(slot, work, seen, results)
 
     def release(self, slot: WorkerSlot) -> None:
         if slot.state == BUSY:
@@ -434,6 +519,8 @@ class _Driver:
             if result.status is RowStatus.DONE:
                 self.settle(work, row, result)
                 slot.worker_errors_in_a_row = 0
+            elif slot.state == DRAINING and result.error_kind != ErrorKind.ROW.value:
+                continue  # its node is leaving: the copy queued when it started draining carries this row
             elif result.error_kind == ErrorKind.WORKER.value:
                 worker_error = result.error
                 self.requeue(work, [row], consume_attempt=False, avoid=slot)
@@ -445,6 +532,9 @@ class _Driver:
             slot.worker_errors_in_a_row += 1
             if slot.worker_errors_in_a_row >= self.options.quarantine_after:
                 self.quarantine(slot, worker_error)
+        state = self.states.get(work.shard_index)
+        if slot.state == DRAINING and state is not None:
+            self.settle_tentative(work, state)  # failures that waited for this copy
 
     def is_settled(self, shard_index: int, row_index: int) -> bool:
         state = self.states.get(shard_index)

@@ -140,7 +140,7 @@ def submit_job(
     model: str = "qwen-image-df11",
     seed: int = 0,
     shard_size: int = DEFAULT_SHARD_SIZE,
-    workers: int | None = None,
+    workers: int | str | None = None,
     batch_size: int = 4,
     max_attempts: int = 3,
     overwrite: bool = False,
@@ -153,15 +153,20 @@ def submit_job(
     device: str = "auto",
     job_id: str | None = None,
     shared_fs: bool = False,
+    first_worker_timeout_s: float = 1800.0,
     echo=None,
 ) -> JobOutcome:
     """Run a whole job in the foreground and return its outcome. With a cluster `address` (its GCS,
     host:6379 or ray://…) the driver runs here and the workers on the cluster; a local `output` is
-    then refused unless every node is this machine or `shared_fs` says every node mounts it."""
+    then refused unless every node is this machine or `shared_fs` says every node mounts it.
+    `workers`: N, "MIN-MAX" or "auto" (jobs.pool.parse_workers); `first_worker_timeout_s`: the job
+    ends (exit 4) when no worker is ready after that long."""
     echo = echo or (lambda text: print(text, file=sys.stderr))
-    from qwen_worker.loading import check_device_options
+    from jobs.pool import parse_workers
+    from qwen_worker.models.loading import check_device_options
 
     check_device_options(device, offload)
+    workers = parse_workers(workers)
     if address is None:
         check_local_gpu(get_preset(model), device)
     elif not output.startswith("s3://") and not shared_fs:
@@ -186,7 +191,7 @@ def submit_job(
     run_options = RunOptions(
         workers=workers, batch_size=batch_size, max_attempts=max_attempts, overwrite=overwrite,
         model_dir=model_dir, offload=offload, device=device, show_progress=show_progress, template_dirs=template_dirs,
-        new_output=not prepared.resumed, echo=echo,
+        new_output=not prepared.resumed, ready_timeout_s=first_worker_timeout_s, echo=echo,
     )
     try:  # under the output's driver lease: one driver per output at a time
         outcome = run_job(plan, prepared.store, run_options, address=address)

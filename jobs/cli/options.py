@@ -18,6 +18,23 @@ templates_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
+class WorkerCount(click.ParamType):
+    """`--workers`: N, MIN-MAX or auto (jobs.pool.parse_workers), one-line errors."""
+
+    name = "N|MIN-MAX|auto"
+
+    def convert(self, value, param, ctx):
+        from jobs.pool import PoolSize, parse_workers
+        from qwen_worker.errors import UserError
+
+        if isinstance(value, PoolSize):
+            return value
+        try:
+            return parse_workers(value)
+        except UserError as exc:
+            self.fail(str(exc).replace("`--workers` ", ""), param, ctx)
+
+
 class BatchSize(click.ParamType):
     """`auto` (stored as 0: each worker picks what its GPU memory fits) or a number 1-64."""
 

@@ -42,6 +42,10 @@ def status(dest, as_json, show_failed, address):
             f"  running: {live['done'] + live['failed']}/{live['total']} rows settled at {live['rows_per_s']:.2f} rows/s, "
             f"ETA {eta} (updated {live['updated']})"
         )
+        if live.get("workers"):
+            from jobs.pool import pool_line
+
+            click.echo(f"  workers: {pool_line(live['workers'])}")
     if show_failed:
         for row in report["failed_rows"]:
             click.echo(f"  row {row['row_index']} (id {row['id']!r}): {row['error']}")

@@ -2,14 +2,19 @@ import os
 
 import click
 
-from jobs.cli.options import BatchSize, model_option, templates_option
+from jobs.cli.options import BatchSize, WorkerCount, model_option, templates_option
 
 
 @click.command()
 @click.argument("manifest")
 @click.option("--output", "-o", required=True, help="Destination: a local directory or s3://bucket/prefix.")
 @model_option
-@click.option("--workers", type=click.IntRange(min=1), help="Number of workers (default: one per GPU; 1 CPU worker without GPUs).")
+@click.option("--workers", type=WorkerCount(),
+              help="N: exactly N workers; MIN-MAX: up to MAX, rendering starts once MIN are ready; auto (the default on "
+                   "a cluster): up to 64, as many as the job's shards can use. On a cluster the workers Ray cannot place "
+                   "yet wait for the autoscaler to add nodes. Without a cluster: one per GPU (1 CPU worker without GPUs).")
+@click.option("--first-worker-timeout", default=1800.0, show_default=True, type=click.FloatRange(min=1), metavar="SECONDS",
+              help="End the job (exit 4) when no worker is ready after this long (e.g. the autoscaler adds no GPU node).")
 @click.option("--shard-size", default=32, show_default=True, type=click.IntRange(min=1), help="Rows per shard (unit of work handed to a worker).")
 @click.option("--batch-size", default="auto", show_default=True, type=BatchSize(),
               help="Images of one shape per pipeline call; auto: what each worker's GPU memory fits (4 on CPU).")
@@ -29,8 +34,8 @@ from jobs.cli.options import BatchSize, model_option, templates_option
               help="With a Ray Jobs address: send this (non-secret) environment variable to the job; "
                    "by default the cluster's own settings apply. Repeatable.")
 @templates_option
-def submit(manifest, output, model, workers, shard_size, batch_size, seed, max_attempts, overwrite, resume_anyway,
-           address, model_dir, offload, device, wait, no_progress, shared_fs, forward_env, template_dirs):
+def submit(manifest, output, model, workers, first_worker_timeout, shard_size, batch_size, seed, max_attempts, overwrite,
+           resume_anyway, address, model_dir, offload, device, wait, no_progress, shared_fs, forward_env, template_dirs):
     """Render every row of MANIFEST into --output, each image exactly once.
 
     Without --address or RAY_ADDRESS it runs in the foreground on a local Ray instance. With a
@@ -51,7 +56,7 @@ def submit(manifest, output, model, workers, shard_size, batch_size, seed, max_a
             manifest, output, address=address, model=model, seed=seed, shard_size=shard_size, workers=workers,
             batch_size=batch_size, max_attempts=max_attempts, overwrite=overwrite, resume_anyway=resume_anyway,
             template_dirs=template_dirs, model_dir=model_dir, offload=offload, device=device, wait=wait, echo=echo,
-            shared_fs=shared_fs, forward_env=forward_env,
+            shared_fs=shared_fs, forward_env=forward_env, first_worker_timeout_s=first_worker_timeout,
         )
     from jobs.submit_api import submit_job
 
@@ -60,7 +65,7 @@ def submit(manifest, output, model, workers, shard_size, batch_size, seed, max_a
         max_attempts=max_attempts, overwrite=overwrite, resume_anyway=resume_anyway,
         address=address, show_progress=not no_progress,
         template_dirs=template_dirs, model_dir=model_dir, offload=offload, device=device, echo=echo,
-        shared_fs=shared_fs,
+        shared_fs=shared_fs, first_worker_timeout_s=first_worker_timeout,
     )
     click.echo(
         f"job {outcome.job_id}: {outcome.done}/{outcome.total} rows stored "

@@ -52,8 +52,9 @@ def test_submit_through_the_jobs_api_waits_and_is_idempotent(ray_dashboard, writ
 def test_cancel_then_resume_renders_no_finished_row_again(ray_dashboard, write_manifest, tmp_path):
     manifest = write_manifest(tiny_rows(40, size=128))
     output = tmp_path / "out"
+    # one worker (a cluster's default is now up to one per shard): no straggler copy, so "rendered now" is exact
     submitted = qwen_batch("submit", manifest, "--output", str(output), "--model", "tiny", "--batch-size", "1",
-                           "--shard-size", "4", "--address", ray_dashboard)
+                           "--shard-size", "4", "--address", ray_dashboard, "--workers", "1")
     job_id = submitted.stderr.split("submitted job ")[1].split()[0]
     deadline = time.monotonic() + 120
     while len(list(output.glob("images/*.png"))) < 5:
@@ -69,7 +70,7 @@ def test_cancel_then_resume_renders_no_finished_row_again(ray_dashboard, write_m
     stored_before = len(list(output.glob("images/*.png")))
     assert stored_before < 40
     resumed = qwen_batch("submit", manifest, "--output", str(output), "--model", "tiny", "--batch-size", "1",
-                         "--shard-size", "4", "--address", ray_dashboard, "--wait")
+                         "--shard-size", "4", "--address", ray_dashboard, "--workers", "1", "--wait")
     assert resumed.returncode == 0, resumed.stderr
     assert f"as Ray job {job_id}-2" in resumed.stderr
     records = ledger_rows(output)
