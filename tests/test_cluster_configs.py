@@ -4,6 +4,8 @@
   talks to a cloud), and a GPU node type must be able to hold one qwen-image-df11 worker.
 - The KubeRay manifests have the kinds/API versions KubeRay serves, a GPU worker group with one
   `nvidia.com/gpu` and enough memory per pod, and entrypoints that are `qwen-batch submit`.
+- GPU workers scale from zero everywhere (qwen-batch's pending workers are the autoscaler's demand), and a
+  KubeRay pod being deleted drains its Ray node before it is killed.
 - The Grafana dashboard only queries metric names that Ray 2.60 really exports for our metrics (the naming
   rule is checked against the installed Ray's exporter, in a subprocess) or Ray's node metrics, with labels
   those metrics carry, and every metric of ours appears in some panel.
@@ -350,7 +352,8 @@ def test_launcher_config_passes_ray_validation(launcher_config):
         (lambda c: c["available_node_types"]["ray.worker.gpu24"]["resources"].update(GPU=0.5), Exception,
          r"0\.5 is not of type 'integer'"),
         (lambda c: c.pop("head_node_type"), ValueError, r"You must specify `head_node_type`"),
-        (lambda c: c.update(max_workers=1), ValueError, r"smaller than the sum of `min_workers`"),
+        (lambda c: (c.update(max_workers=1), c["available_node_types"]["ray.worker.gpu24"].update(min_workers=2)),
+         ValueError, r"smaller than the sum of `min_workers`"),
     ],
 )
 def test_launcher_validation_can_fail(launcher_config, mutate, error_type, error):
@@ -371,7 +374,9 @@ def test_launcher_gpu_node_type_fits_one_worker(launcher_config):
         assert spec["resources"]["GPU"] == 1, name
         # Ray's `memory` resource must hold the worker's host-RAM request, or the actor never schedules.
         assert spec["resources"]["memory"] >= preset.host_memory_gb * GiB, name
-        assert spec["min_workers"] == spec["max_workers"] <= launcher_config["max_workers"], name
+        # from zero: a job's pending workers make the autoscaler add GPU nodes, up to max_workers
+        assert spec["min_workers"] == 0 < spec["max_workers"] <= launcher_config["max_workers"], name
+    assert launcher_config["idle_timeout_minutes"] <= 10  # released GPU nodes do not linger
     for command in launcher_config["head_start_ray_commands"] + launcher_config["worker_start_ray_commands"]:
         if "ray start" in command:
             assert "--metrics-export-port=8080" in command
@@ -402,6 +407,10 @@ RAYJOB_SPEC_FIELDS = {
 RAYCLUSTER_SPEC_FIELDS = {
     "rayVersion", "enableInTreeAutoscaling", "autoscalerOptions", "headServiceAnnotations", "headGroupSpec",
     "workerGroupSpecs", "suspend", "managedBy", "gcsFaultToleranceOptions", "upgradeStrategy",
+}
+AUTOSCALER_OPTIONS_FIELDS = {
+    "upscalingMode", "idleTimeoutSeconds", "image", "imagePullPolicy", "securityContext", "env", "envFrom",
+    "resources", "volumeMounts", "version",
 }
 WORKER_GROUP_FIELDS = {
     "groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds", "rayStartParams", "template",
@@ -451,6 +460,26 @@ def check_ray_cluster_spec(spec: dict) -> None:
         assert claims.get("hf-cache") == "qwen-batch-hf-cache" and mounts.get("hf-cache") == "/mnt/hf-cache"
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["HF_HOME"] == "/mnt/hf-cache" and env["HF_HUB_OFFLINE"] == "1"
+    check_gpu_groups_scale_from_zero(spec)
+
+
+def check_gpu_groups_scale_from_zero(spec: dict) -> None:
+    """The autoscaler runs and GPU groups start at zero pods (qwen-batch's pending workers are its demand);
+    a GPU pod being deleted drains its Ray node (Ray 2.60's SIGTERM drain) within its grace period."""
+    from ray._private import ray_constants
+
+    assert spec.get("enableInTreeAutoscaling") is True, "no autoscaler: GPU pods never join for pending workers"
+    assert set(spec.get("autoscalerOptions", {})) <= AUTOSCALER_OPTIONS_FIELDS
+    assert hasattr(ray_constants, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S")  # the variable below is Ray's
+    for group in spec["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        container = pod["containers"][0]
+        if not container["resources"]["limits"].get("nvidia.com/gpu"):
+            continue
+        assert group["minReplicas"] == group["replicas"] == 0 < group["maxReplicas"], (
+            f"GPU group {group['groupName']} does not scale from zero")
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert 0 < float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"]) < pod["terminationGracePeriodSeconds"]
 
 
 def test_kuberay_raycluster():
@@ -460,6 +489,16 @@ def test_kuberay_raycluster():
     assert docs["PersistentVolumeClaim"]["apiVersion"] == "v1"
     assert docs["PersistentVolumeClaim"]["metadata"]["name"] == "qwen-batch-hf-cache"
     check_ray_cluster_spec(docs["RayCluster"]["spec"])
+
+
+def test_a_fixed_gpu_pool_is_flagged():
+    spec = copy.deepcopy(load_documents("kuberay-raycluster.yaml")["RayCluster"]["spec"])
+    spec["workerGroupSpecs"][0].update(replicas=2, minReplicas=2, maxReplicas=2)
+    with pytest.raises(AssertionError, match="GPU group gpu24 does not scale from zero"):
+        check_gpu_groups_scale_from_zero(spec)
+    spec["enableInTreeAutoscaling"] = False
+    with pytest.raises(AssertionError, match="no autoscaler"):
+        check_gpu_groups_scale_from_zero(spec)
 
 
 def test_kuberay_rayjob():
