@@ -129,6 +129,9 @@ def main() -> None:
         print(f"rows/s over the whole job: {len(times) / (max(times) - min(times)):.2f}")
     finally:
         cluster.shutdown()
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
