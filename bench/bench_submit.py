@@ -50,7 +50,7 @@ def bare_loop(manifest: str, out: Path, batch_size: int) -> float:
     from qwen_worker.encode import encode_image
     from qwen_worker.presets import get_preset
     from qwen_worker.render import micro_batches, render_batch
-    from qwen_worker.tiny import build_tiny_pipeline
+    from qwen_worker.models.qwen_image import build_tiny_pipeline
 
     import torch
 
@@ -99,7 +99,7 @@ def submit_rate(manifest: str, output: str, rows: int, batch_size: int) -> tuple
 def batch_sizes(size: int, steps: int) -> None:
     from qwen_worker.render import ImageTask, render_batch
     from qwen_worker.rows import RenderRow
-    from qwen_worker.tiny import build_tiny_pipeline
+    from qwen_worker.models.qwen_image import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
     rows = [RenderRow(i, f"r{i}", f"prompt {i}", " ", size, size, steps, 4.0, i, (f"k{i}",)) for i in range(32)]

@@ -182,7 +182,46 @@ def _seconds(value) -> str:
     return f"{value:.2f} s" if value >= 1 else f"{value:.3f} s"
 
 
-def _card(row: dict, image_url) -> str:
+def _input_linker(store: Store, link: str, image_url):
+    """input URI -> a URL the report can show it from, or None (then only its name is shown): a
+    local file relative to a local report, an object of the output's bucket relative to it (or
+    presigned, as the images are)."""
+    import os
+    from urllib.parse import quote
+
+    uri = store.uri.rstrip("/")
+    if not uri.startswith("s3://"):
+        return lambda source: None if source.startswith("s3://") else quote(os.path.relpath(source, uri), safe="/.")
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+
+    def url(source: str):
+        if not source.startswith(f"s3://{bucket}/"):
+            return None
+        key = source[len(f"s3://{bucket}/"):]
+        if link == "presigned":
+            return store.presigned_url(key[len(prefix) + 1:]) if key.startswith(prefix + "/") else None
+        depth = len([part for part in prefix.split("/") if part])
+        return quote("../" * depth + key, safe="/.")
+
+    return url
+
+
+def _text_html(row: dict) -> str:
+    """--check-text: the score of each image, what was read, the expected strings it missed."""
+    scores = [score for score in row.get("text_score") or [] if score is not None]
+    if not scores:
+        return ""
+    missing = row.get("text_missing") or []
+    read = " | ".join(text for text in row.get("text_read") or [] if text)
+    shown = " ".join(f"{score:.2f}" for score in scores)
+    low = " low" if missing else ""
+    missed = "".join(f"<mark>{_e(text)}</mark> " for text in missing)
+    rerolls = f" · re-rolled {row['rerolls']}×" if row.get("rerolls") else ""
+    return (f'<p class="text{low}"><strong>text</strong> {_e(shown)}{_e(rerolls)} · read: {_e(read) or "(nothing)"}'
+            + (f" · missing: {missed}" if missing else "") + "</p>")
+
+
+def _card(row: dict, image_url, input_url=lambda source: None) -> str:
     status = row.get("status") or "pending"
     width, height = row.get("width") or 0, row.get("height") or 0
     keys, digests = row.get("keys") or [], row.get("sha256") or []
