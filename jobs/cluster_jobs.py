@@ -135,7 +135,7 @@ def ship_templates(template_dirs) -> tuple[str | None, list[str]]:
 
 
 def entrypoint_for(plan, *, workers, batch_size, max_attempts, overwrite, template_dirs, model_dir, offload,
-                   device="auto", shared_fs=False, first_worker_timeout_s=None) -> str:
+                   device="auto", shared_fs=False, first_worker_timeout_s=None, render: dict | None = None) -> str:
     args = ["qwen-batch", "submit", plan.manifest, "--output", plan.output, "--model", plan.model,
             "--seed", str(plan.seed), "--shard-size", str(plan.shard_size), "--batch-size", str(batch_size or "auto"),
             "--max-attempts", str(max_attempts), "--offload", offload, "--device", device, "--no-progress"]
@@ -151,19 +151,47 @@ def entrypoint_for(plan, *, workers, batch_size, max_attempts, overwrite, templa
         args.append("--shared-fs")
     for directory in template_dirs:
         args += ["--templates", directory]
+    args += render_args(**(render or {}))
     return shlex.join(args)
+
+
+def render_args(lora=(), speed="standard", lightning_lora=None, png_compression=1, check_text=False,
+                min_text_score=None, max_rerolls=0, keep_rerolls=False) -> list[str]:
+    """The submit options of LoRAs, speed, PNG compression and text checks, for the cluster's submit."""
+    args = []
+    for spec in lora:
+        args += ["--lora", spec]
+    if speed != "standard":
+        args += ["--speed", speed]
+    if lightning_lora:
+        args += ["--lightning-lora", lightning_lora]
+    args += ["--png-compression", str(png_compression)]
+    if check_text:
+        args.append("--check-text")
+    if min_text_score is not None:
+        args += ["--min-text-score", f"{min_text_score:g}"]
+    if max_rerolls:
+        args += ["--max-rerolls", str(max_rerolls)]
+    if keep_rerolls:
+        args.append("--keep-rerolls")
+    return args
 
 
 def submit_to_cluster(manifest: str, output: str, *, address: str, model: str = "qwen-image-df11", seed: int = 0,
                       shard_size: int = 32, workers=None, batch_size: int = 4, max_attempts: int = 3,
                       overwrite: bool = False, resume_anyway: bool = False, template_dirs=(), model_dir=None,
                       offload: str = "auto", wait: bool = False, echo=print, device: str = "auto",
-                      shared_fs: bool = False, forward_env=(), first_worker_timeout_s: float | None = None) -> int:
+                      shared_fs: bool = False, forward_env=(), first_worker_timeout_s: float | None = None,
+                      **render) -> int:
     from jobs.pool import parse_workers
     from jobs.submit_api import prepare_job
     from qwen_worker.models.loading import check_device_options
 
+    from jobs.submit_api import text_check_options
+
     check_device_options(device, offload)
+    text_check_options(render.get("check_text", False), render.get("min_text_score"), render.get("max_rerolls", 0),
+                       render.get("keep_rerolls", False))
     workers = parse_workers(workers)
     env = forwarded_env(forward_env)
     client = client_for(address)
@@ -172,7 +200,8 @@ def submit_to_cluster(manifest: str, output: str, *, address: str, model: str = 
     prepared = prepare_job(manifest, output, model=model, seed=seed, shard_size=shard_size, overwrite=overwrite,
                            resume_anyway=resume_anyway, template_dirs=tuple(template_dirs),
                            options={"batch_size": batch_size, "max_attempts": max_attempts, "offload": offload},
-                           allow_busy=True)
+                           allow_busy=True, model_dir=model_dir,
+                           render={k: render[k] for k in ("lora", "speed", "lightning_lora") if k in render})
     plan = prepared.plan
     previous = [j for j in client.list_jobs() if (j.metadata or {}).get(METADATA_KEY) == plan.job_id]
     active = [j for j in previous if not j.status.is_terminal()]
@@ -188,7 +217,7 @@ def submit_to_cluster(manifest: str, output: str, *, address: str, model: str = 
         entrypoint = entrypoint_for(plan, workers=workers, batch_size=batch_size, max_attempts=max_attempts,
                                     overwrite=overwrite, template_dirs=shipped, model_dir=model_dir,
                                     offload=offload, device=device, shared_fs=shared_fs,
-                                    first_worker_timeout_s=first_worker_timeout_s)
+                                    first_worker_timeout_s=first_worker_timeout_s, render=render)
         runtime_env = {**({"env_vars": env} if env else {}), **({"working_dir": working_dir} if working_dir else {})}
         import logging
 

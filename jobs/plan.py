@@ -196,3 +196,20 @@ def resolve_context(plan: JobPlan, template_dirs=(), *, model_dir: str | None = 
                           base=plan.input_base or None, job_loras=tuple(render.get("lora", ())),
                           speed=render.get("speed", "standard"), lightning_lora=render.get("lightning_lora"),
                           model_dir=model_dir, store_options=dict(store_options or {}))
+
+
+def render_options(lora=(), speed: str = "standard", lightning_lora: str | None = None) -> dict:
+    """Job-wide render options as the job's identity records them (defaults left out, so a job
+    without them keeps the id it always had); UserError for a bad speed."""
+    from jobs.manifest.loras import SPEEDS
+
+    if speed not in SPEEDS:
+        raise UserError(f"`--speed` must be one of {', '.join(SPEEDS)}, got: {speed!r}")
+    render: dict = {}
+    if lora:
+        render["lora"] = list(lora)
+    if speed != "standard":
+        render["speed"] = speed
+    if lightning_lora:
+        render["lightning_lora"] = lightning_lora
+    return render

@@ -151,6 +151,7 @@ class WorkerSlot:
     node_id: str = ""  # the Ray node it was placed on ("" while pending)
     placed: bool = False  # Ray gave it a node (its process starts there); False: waiting for resources
     asked_at: float = field(default_factory=time.monotonic)
+    loras: set = field(default_factory=set)  # LoRA files of the shards it was given (it keeps them loaded)
 
     def record(self) -> dict:
         """What job.json says of this worker."""
@@ -243,6 +244,8 @@ class WorkerPool:
                 device=self.options.device,
                 images_per_call=self.options.batch_size or 4,  # the offload plan is sized for this
                 check_stored=not self.options.new_output,
+                png_compression=self.options.png_compression,
+                text_check=self.options.text_check,
             )
             added.append(WorkerSlot(actor, name))
         self.slots.extend(added)

@@ -26,16 +26,18 @@ import numpy as np
 
 from jobs.ledger import COMPACT_EVERY, compact, read_ledger, write_shard_ledger
 from jobs.manifest import ResolveContext, iter_resolved, render_rows, row_messages
-from jobs.plan import JobPlan, open_job_manifest
+from jobs.plan import JobPlan, open_job_manifest, resolve_context
 from jobs.pool import (BUSY, DRAINED, DRAINING, ENDED, IDLE, LOST, NOT_READY, QUARANTINED, RECOVERING, STARTING,
                        WorkerPool, WorkerSlot, pool_line, record_workers, resources_text, start_pool, waiting_line)
 from jobs.progress import ProgressBar, ProgressFile
 from qwen_worker.errors import QwenBatchError
 from qwen_worker.failures import ErrorKind
-from qwen_worker.presets import get_preset
 from qwen_worker.provenance import image_provenance, stored_own_image
 from qwen_worker.rows import RenderRow, RowResult, RowStatus
 from qwen_worker.stores import Store, sha256_hex
+
+
+LOOKAHEAD_SHARDS = 8  # fresh shards read ahead, so an idle worker can take one whose LoRAs it holds
 
 
 @dataclass
@@ -55,6 +57,9 @@ class RunOptions:
     new_output: bool = False  # the job was just created in its output: no stored image can be ours
     quarantine_after: int = 3  # worker errors in a row that quarantine a worker
     ready_timeout_s: float = 1800.0  # --first-worker-timeout: no worker ready by then, the job stops (exit 4)
+    png_compression: int = 1  # zlib level of PNG images (fast by default)
+    affinity: bool = True  # hand a worker the shards whose LoRAs it holds, when there is a choice
+    text_check: dict | None = None  # --check-text: {"min_score", "max_rerolls", "keep_rerolls"} (qwen_worker.actor)
     echo: Callable[[str], None] = field(default=lambda _text: None, repr=False)
 
 
@@ -87,6 +92,10 @@ class ShardWork:
     look_first: bool = False  # a retry or a second copy: check the store before rendering
     avoid: frozenset = frozenset()  # workers whose worker error sent these rows back
     unresolved: list = field(default_factory=list)  # (row index, id, error) of rows that cannot be rendered
+
+    def loras(self) -> set[str]:
+        """The LoRA files the shard's rows use (what a worker must load to render it)."""
+        return {ref.uri for row in self.rows for ref in row.loras}
 
 
 class _ShardState:
@@ -142,7 +151,7 @@ def plan_work(plan: JobPlan, context: ResolveContext, ledger, done: np.ndarray, 
     def flush(shard_index: int):
         rows, unresolved = pending.pop(shard_index)
         start, stop = plan.shard_range(shard_index)
-        known = ledger.results(start, stop, status=RowStatus.DONE)
+        known = {i: r for i, r in ledger.results(start, stop, status=RowStatus.DONE).items() if done[i]}
         states[shard_index] = _ShardState(set(range(start, stop)), known)
         return ShardWork(shard_index, rows, unresolved=unresolved)
 
@@ -161,21 +170,42 @@ def plan_work(plan: JobPlan, context: ResolveContext, ledger, done: np.ndarray, 
         yield flush(shard_index)
 
 
+INPUT_COLUMNS = {"image", "images", "mask"}
+
+
+def changed_inputs(plan: JobPlan, context, ledger, parquet_file) -> np.ndarray:
+    """Rows the ledger has as done whose input images are another version now (the digest of
+    their files' versions differs from the one they were rendered with)."""
+    changed = np.zeros(plan.rows, dtype=bool)
+    for resolved in iter_resolved(parquet_file, plan.manifest, context):
+        rows = np.arange(resolved.start, resolved.start + resolved.size, dtype=np.int64)
+        rendered_with = ledger.input_digests(rows)
+        for offset in np.flatnonzero(resolved.valid):
+            before = rendered_with[int(offset)]
+            if before is not None and before != resolved.extras.input_digest(int(offset)):
+                changed[resolved.start + int(offset)] = True
+    return changed
+
+
 def run_job(plan: JobPlan, store: Store, options: RunOptions, *, address: str | None = None) -> JobOutcome:
     """Render every row of `plan` not yet done; return counts once every row has settled."""
     import ray
 
     ledger = read_ledger(store, plan.job_id)
     done = ledger.done_mask(plan.rows)
+    context = resolve_context(plan, options.template_dirs, model_dir=options.model_dir,
+                              store_options=store.worker_options())
+    parquet_file = open_job_manifest(plan, store) if done.any() else None
+    if parquet_file is not None and INPUT_COLUMNS & set(parquet_file.schema_arrow.names):
+        done &= ~changed_inputs(plan, context, ledger, parquet_file)  # an input file changed since: render again
     already_done = int(done.sum())
-    context = ResolveContext(preset=get_preset(plan.model), job_seed=plan.seed, template_dirs=options.template_dirs)
     progress = ProgressBar(plan.rows, already_done=already_done, enabled=options.show_progress)
     outcome = JobOutcome(plan.job_id, plan.output, plan.rows, already_done, 0, 0, already_done)
     if already_done == plan.rows:
         progress.close()
         return outcome
 
-    parquet_file = open_job_manifest(plan, store)
+    parquet_file = parquet_file or open_job_manifest(plan, store)
     owns_ray = connect_ray(address)
     progress_file = ProgressFile(store, plan.job_id, progress)
     slots: list[WorkerSlot] = []
@@ -223,6 +253,7 @@ class _Driver:
         self.speculated: set[int] = set()
         self.written: list = []  # (shard index, table) of shard files not yet compacted
         self.manifest_read = False
+        self.lookahead: list[ShardWork] = []  # fresh shards read from the manifest, not yet handed out
         self.shards_left = shards_todo  # fresh shards not yet read from the manifest (at most)
         self.started = time.monotonic()
         self.ever_ready = False
@@ -282,17 +313,35 @@ class _Driver:
             if work.ready_at <= now and (slot.name not in work.avoid or usable <= work.avoid):
                 return work
             self.retry_queue.append(work)
-        while not self.manifest_read:
+        while not self.manifest_read and len(self.lookahead) < LOOKAHEAD_SHARDS:
             work = next(self.fresh_work, None)
             if work is None:
                 self.manifest_read = True
-                return None
+                break
             self.shards_left = max(0, self.shards_left - 1)
             self.fail_unresolved(work)
             if work.rows:
-                self.add_copies(work)
-                return work
-        return None
+                self.lookahead.append(work)
+        if not self.lookahead:
+            return None
+        work = self.by_affinity(slot)
+        self.lookahead.remove(work)
+        self.add_copies(work)
+        slot.loras.update(work.loras())
+        return work
+
+    def by_affinity(self, slot: WorkerSlot) -> ShardWork:
+        """Of the next fresh shards, the first whose LoRAs this worker holds most of (it switches
+        adapters without loading them); the oldest when no shard uses LoRAs."""
+        best, best_score = self.lookahead[0], -1
+        if not self.options.affinity:
+            return best
+        for work in self.lookahead:
+            loras = work.loras()
+            score = len(loras & slot.loras) - len(loras - slot.loras)
+            if score > best_score:
+                best, best_score = work, score
+        return best
 
     def fail_unresolved(self, work: ShardWork) -> None:
         """Rows of a fresh shard that could not even be resolved fail now, as row errors."""
@@ -381,7 +430,7 @@ class _Driver:
 
     def work_units(self) -> int:
         """Shards in flight or waiting for a worker: what the pool sizes itself to."""
-        fresh = 0 if self.manifest_read else self.shards_left
+        fresh = len(self.lookahead) + (0 if self.manifest_read else self.shards_left)
         return sum(1 for s in self.slots if s.state == BUSY) + len(self.retry_queue) + fresh
 
     def adjust_pool(self) -> None:
@@ -389,7 +438,7 @@ class _Driver:
         (nodes that joined get them), release those there is no work for, and show the pool."""
         for slot in self.pool.refresh():
             self.on_draining(slot)
-        units, dry = self.work_units(), self.manifest_read and not self.retry_queue
+        units, dry = self.work_units(), self.manifest_read and not self.retry_queue and not self.lookahead
         for slot in self.pool.grow(units, queue_dry=dry):
             self.waiting[slot.actor.ready.remote()] = slot
         released = self.pool.shrink(units, queue_dry=dry)

@@ -6,8 +6,24 @@ model_option = click.option(
     "--model",
     default="qwen-image-df11",
     show_default=True,
-    help="Model preset: qwen-image-df11 (24 GB GPUs), qwen-image (BF16, 48 GB+), tiny (CPU, offline, for tests).",
+    help="Model preset (README lists them): qwen-image-df11 (24 GB GPUs, the default), qwen-image-2512-df11, "
+         "qwen-image-edit-2511-df11 / -2509-df11 / qwen-image-edit-df11 (editing), qwen-image-2.1; BF16 variants "
+         "without -df11; tiny, tiny-edit, tiny-2.1, tiny-df11 (CPU, offline, for tests).",
 )
+
+
+def render_options(command):
+    """--lora, --speed, --lightning-lora: what every row renders with (validate and submit)."""
+    for option in reversed([
+        click.option("--lora", "lora", multiple=True, metavar="FILE[:SCALE]",
+                     help="LoRA added to every row (repeatable): a path, s3:// URI or hf://owner/repo/file.safetensors."),
+        click.option("--speed", type=click.Choice(["standard", "lightning-8", "lightning-4"]), default="standard",
+                     show_default=True, help="Few-step rendering with the model's Lightning LoRA (rows without a `speed`)."),
+        click.option("--lightning-lora", default=None, metavar="FILE",
+                     help="The Lightning LoRA to use instead of the preset's (a model without a known one needs it)."),
+    ]):
+        command = option(command)
+    return command
 templates_option = click.option(
     "--templates",
     "template_dirs",

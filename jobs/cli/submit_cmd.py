@@ -2,7 +2,7 @@ import os
 
 import click
 
-from jobs.cli.options import BatchSize, WorkerCount, model_option, templates_option
+from jobs.cli.options import BatchSize, WorkerCount, model_option, render_options, templates_option
 
 
 @click.command()
@@ -34,8 +34,19 @@ from jobs.cli.options import BatchSize, WorkerCount, model_option, templates_opt
               help="With a Ray Jobs address: send this (non-secret) environment variable to the job; "
                    "by default the cluster's own settings apply. Repeatable.")
 @templates_option
+@render_options
+@click.option("--png-compression", type=click.IntRange(0, 9), default=1, show_default=True,
+              help="zlib level of PNG images: 1 is fast; 6-9 write ~10 % smaller files, several times slower.")
+@click.option("--check-text", is_flag=True,
+              help="Read back each image's text (OCR) and score it against the row's `text` or its prompt's quoted strings.")
+@click.option("--min-text-score", type=click.FloatRange(0, 1), default=None,
+              help="With --check-text: render an image again (next seed) when its text scores below this.")
+@click.option("--max-rerolls", type=click.IntRange(0, 10), default=0, show_default=True,
+              help="With --min-text-score: at most this many re-renders per image; the best one is stored.")
+@click.option("--keep-rerolls", is_flag=True, help="Keep the images that lost to a re-roll under rerolls/ in the output.")
 def submit(manifest, output, model, workers, first_worker_timeout, shard_size, batch_size, seed, max_attempts, overwrite,
-           resume_anyway, address, model_dir, offload, device, wait, no_progress, shared_fs, forward_env, template_dirs):
+           resume_anyway, address, model_dir, offload, device, wait, no_progress, shared_fs, forward_env, template_dirs,
+           lora, speed, lightning_lora, png_compression, check_text, min_text_score, max_rerolls, keep_rerolls):
     """Render every row of MANIFEST into --output, each image exactly once.
 
     Without --address or RAY_ADDRESS it runs in the foreground on a local Ray instance. With a
@@ -44,6 +55,8 @@ def submit(manifest, output, model, workers, first_worker_timeout, shard_size, b
     Running the same command again resumes: rows already stored are not rendered again.
     """
     address = address or os.environ.get("RAY_ADDRESS") or None
+    render = dict(lora=tuple(lora), speed=speed, lightning_lora=lightning_lora, png_compression=png_compression,
+                  check_text=check_text, min_text_score=min_text_score, max_rerolls=max_rerolls, keep_rerolls=keep_rerolls)
     echo = lambda text: click.echo(text, err=True)  # noqa: E731
     from jobs.cluster_jobs import is_jobs_api_address
 
@@ -56,7 +69,7 @@ def submit(manifest, output, model, workers, first_worker_timeout, shard_size, b
             manifest, output, address=address, model=model, seed=seed, shard_size=shard_size, workers=workers,
             batch_size=batch_size, max_attempts=max_attempts, overwrite=overwrite, resume_anyway=resume_anyway,
             template_dirs=template_dirs, model_dir=model_dir, offload=offload, device=device, wait=wait, echo=echo,
-            shared_fs=shared_fs, forward_env=forward_env, first_worker_timeout_s=first_worker_timeout,
+            shared_fs=shared_fs, forward_env=forward_env, first_worker_timeout_s=first_worker_timeout, **render,
         )
     from jobs.submit_api import submit_job
 
@@ -65,7 +78,7 @@ def submit(manifest, output, model, workers, first_worker_timeout, shard_size, b
         max_attempts=max_attempts, overwrite=overwrite, resume_anyway=resume_anyway,
         address=address, show_progress=not no_progress,
         template_dirs=template_dirs, model_dir=model_dir, offload=offload, device=device, echo=echo,
-        shared_fs=shared_fs, first_worker_timeout_s=first_worker_timeout,
+        shared_fs=shared_fs, first_worker_timeout_s=first_worker_timeout, **render,
     )
     click.echo(
         f"job {outcome.job_id}: {outcome.done}/{outcome.total} rows stored "

@@ -2,7 +2,7 @@ import json
 
 import click
 
-from jobs.cli.options import json_option, model_option, templates_option
+from jobs.cli.options import json_option, model_option, render_options, templates_option
 
 
 @click.command()
@@ -10,13 +10,18 @@ from jobs.cli.options import json_option, model_option, templates_option
 @model_option
 @templates_option
 @click.option("--seed", default=0, show_default=True, help="Job seed (only affects derived seeds).")
+@click.option("--model-dir", default=None, help="Where hf:// LoRAs are looked for first (<dir>/lightning/).")
+@render_options
 @json_option
-def validate(manifest, model, template_dirs, seed, as_json):
-    """Check every row of MANIFEST; print a summary, or every error with its row, field and value."""
+def validate(manifest, model, template_dirs, seed, model_dir, lora, speed, lightning_lora, as_json):
+    """Check every row of MANIFEST, input images and LoRA files included (before any model loads);
+    print a summary, or every error with its row, field and value."""
     from jobs.manifest import ResolveContext, validate_manifest
     from qwen_worker.presets import get_preset
 
-    summary = validate_manifest(manifest, ResolveContext(preset=get_preset(model), job_seed=seed, template_dirs=template_dirs))
+    context = ResolveContext(preset=get_preset(model), job_seed=seed, template_dirs=template_dirs, job_loras=tuple(lora),
+                             speed=speed, lightning_lora=lightning_lora, model_dir=model_dir)
+    summary = validate_manifest(manifest, context)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), ensure_ascii=False, indent=2))
         return 0
