@@ -41,6 +41,12 @@ MANIFEST_COLUMNS: dict[str, pa.DataType] = {
     "num_images": pa.int64(),
     "format": pa.string(),
     "output_key": pa.string(),
+    "image": pa.string(),
+    "images": pa.list_(pa.string()),
+    "mask": pa.string(),
+    "lora": pa.list_(pa.string()),
+    "speed": pa.string(),
+    "text": pa.list_(pa.string()),
 }
 MAX_REPORTED_ERRORS = 20
 MAX_SAMPLE_ROWS = 100_000
@@ -172,7 +178,25 @@ def _coerce(column: str, value: Any) -> Any:
         return _as_float(column, value)
     if column == "params":
         return parse_params(value)  # a dict here; serialised after the template check
+    if kind == pa.list_(pa.string()):
+        return _as_list(column, value)
     return _as_str(column, value)
+
+
+def _as_list(column: str, value: Any) -> list[str]:
+    """A list column from JSONL (a list) or CSV (a JSON list, or items separated by ';')."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                raise _RowError(f"`{column}` must be a JSON list of strings or items separated by ';', got: {value!r}") from None
+        else:
+            return [item.strip() for item in text.split(";") if item.strip()]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    raise _RowError(f"`{column}` must be a list of strings (or text: a JSON list, or items separated by ';'), got: {value!r}")
 
 
 def build_manifest(

@@ -190,6 +190,7 @@ def submit_job(
     min_text_score: float | None = None,
     max_rerolls: int = 0,
     keep_rerolls: bool = False,
+    affinity: bool = True,
     echo=None,
 ) -> JobOutcome:
     """Run a whole job in the foreground and return its outcome. With a cluster `address` (its GCS,
@@ -236,7 +237,7 @@ def submit_job(
         workers=workers, batch_size=batch_size, max_attempts=max_attempts, overwrite=overwrite,
         model_dir=model_dir, offload=offload, device=device, show_progress=show_progress, template_dirs=template_dirs,
         new_output=not prepared.resumed, ready_timeout_s=first_worker_timeout_s, echo=echo,
-        png_compression=png_compression, text_check=text_check,
+        png_compression=png_compression, text_check=text_check, affinity=affinity,
     )
     try:  # under the output's driver lease: one driver per output at a time
         outcome = run_job(plan, prepared.store, run_options, address=address)

@@ -166,3 +166,24 @@ def test_an_editing_template_needs_its_input_images(photos):
     assert errors_of(path, context()) == [
         "row 1 (id 'r1'): `template`: template 'edit-compose-product-scene' edits 2 input image(s) (`image` / "
         "`images`), the row gives 1, got: 'edit-compose-product-scene'"]
+
+
+def test_manifest_from_csv_and_jsonl_take_the_image_lora_and_text_columns(tmp_path):
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+
+    (tmp_path / "in.csv").write_text('id,prompt,image,images,lora\na,edit,p.png,,brand.safetensors:0.8\n'
+                                     'b,compose,,"p.png;q.png","[""x.safetensors"", ""y.safetensors:0.5""]"\n',
+                                     encoding="utf-8")
+    (tmp_path / "in.jsonl").write_text('{"id": "c", "prompt": "x", "images": ["p.png"], "text": "SALE"}\n'
+                                       '{"id": "d", "prompt": "x", "images": [1, 2]}\n', encoding="utf-8")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["manifest", "from-csv", str(tmp_path / "in.csv"), str(tmp_path / "a.parquet")]).exit_code == 0
+    rows = pq.read_table(tmp_path / "a.parquet").select(["image", "images", "lora"]).to_pylist()
+    assert rows == [{"image": "p.png", "images": None, "lora": ["brand.safetensors:0.8"]},
+                    {"image": None, "images": ["p.png", "q.png"], "lora": ["x.safetensors", "y.safetensors:0.5"]}]
+    result = runner.invoke(cli, ["manifest", "from-jsonl", str(tmp_path / "in.jsonl"), str(tmp_path / "b.parquet")])
+    assert result.exit_code == 1
+    assert "line 2 (id 'd'): `images` must be a list of strings (or text: a JSON list, or items separated by ';'), " \
+           "got: [1, 2]" in str(result.exception)
