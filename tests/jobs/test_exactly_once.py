@@ -128,7 +128,7 @@ def test_two_drivers_of_one_job_render_it_once(ray_session, write_manifest, tmp_
     manifest = write_manifest(varied_rows(16, size=64))
     output = tmp_path / "out"
     command = [sys.executable, "-m", "jobs", "submit", manifest, "--output", str(output), "--model", "tiny",
-               "--shard-size", "4", "--batch-size", "1", "--no-progress"]
+               "--shard-size", "4", "--batch-size", "1", "--no-progress", "--workers", "1"]
     env = {**os.environ, "RAY_ADDRESS": ray_session}
     drivers = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for _ in range(2)]

@@ -111,7 +111,8 @@ def test_device_value_is_checked(no_hub):
 
 
 def test_offload_value_is_checked_before_looking_for_files(no_hub):
-    with pytest.raises(UserError, match=r"^`--offload` must be auto, none, model or blocks:N \(N = 1\.\.60\), got: 'blocks:x'$"):
+    with pytest.raises(UserError, match=r"^`--offload` must be auto, none, model or blocks:N \(N = 1\.\.60\), optionally "
+                                        r"with \+prefetch, got: 'blocks:x'$"):
         load_real_pipeline(LOCAL, device="cpu", offload="blocks:x")
 
 
