@@ -46,7 +46,9 @@ def write_manifest(path: Path, rows: int, size: int, steps: int) -> str:
 
 def bare_loop(manifest: str, out: Path, batch_size: int) -> float:
     """The same rows through the same pipeline and PNG encoder, no Ray, no store, no ledger."""
-    from jobs.manifest import ResolveContext, iter_raw_rows, open_parquet, resolve_row
+    import numpy as np
+
+    from jobs.manifest import ResolveContext, iter_resolved, open_parquet, render_rows
     from qwen_worker.encode import encode_image
     from qwen_worker.presets import get_preset
     from qwen_worker.render import micro_batches, render_batch
@@ -57,13 +59,14 @@ def bare_loop(manifest: str, out: Path, batch_size: int) -> float:
     torch.set_num_threads(1)  # like a Ray actor with num_cpus=1 (Ray sets OMP_NUM_THREADS=1)
     pipe = build_tiny_pipeline()
     context = ResolveContext(preset=get_preset("tiny"))
-    rows = [resolve_row(i, raw, context) for i, raw in iter_raw_rows(open_parquet(manifest))]
+    rows = [row for resolved in iter_resolved(open_parquet(manifest), manifest, context)
+            for row in render_rows(resolved, np.flatnonzero(resolved.valid))]
     render_batch(pipe, next(micro_batches(rows[:1], 1)))  # warm-up, like the actor's first call
     (out / "images").mkdir(parents=True)
     started = time.perf_counter()
     for tasks in micro_batches(rows, batch_size):
         for task, image in zip(tasks, render_batch(pipe, tasks)):
-            (out / task.key).write_bytes(encode_image(image, "png"))
+            (out / task.key).write_bytes(encode_image(image, "png"))  # the same PNG settings as the workers
     return len(rows) / (time.perf_counter() - started)
 
 

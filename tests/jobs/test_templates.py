@@ -291,7 +291,8 @@ def test_csv_to_parquet_round_trip_keeps_columns_types_and_values(tmp_path):
         "id": "poster-1", "prompt": 'A shop sign reading "老王面馆"', "template": None, "params": None,
         "negative_prompt": None, "width": 1024, "height": 768, "aspect_ratio": None, "steps": 30,
         "true_cfg_scale": 4.5, "seed": 7, "language": "zh", "num_images": None, "format": None,
-        "output_key": None, "campaign": "spring",
+        "output_key": None, "image": None, "images": None, "mask": None, "lora": None, "speed": None,
+        "text": None, "campaign": "spring",
     }  # fmt: skip
     assert rows[1]["prompt"] == "A red lantern" and rows[1]["width"] is None and rows[1]["campaign"] is None
 
