@@ -9,6 +9,7 @@ through unchanged (same Arrow type, never converted); one named like a result co
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from jobs.plan import JobPlan, open_job_manifest, resolve_context
 from qwen_worker.stores import Store
 
 RESULTS_KEY = "results.parquet"
+RESULTS_STATE_KEY = "_results.json"  # results.parquet and report.html merge the ledger as it is now
 PASSTHROUGH_PREFIX = "manifest."
 
 
@@ -116,6 +118,32 @@ def write_results(store: Store, plan: JobPlan, ledger: Ledger, template_dirs=())
                 arrays += [extra.column(name) for name in renamed]
             writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
     store.put(RESULTS_KEY, buffer.getvalue())
+
+
+def _state(plan: JobPlan) -> bytes:
+    from importlib.metadata import version
+
+    return json.dumps({"job_id": plan.job_id, "qwen_batch": version("qwen-batch")}, sort_keys=True).encode()
+
+
+def results_current(store: Store, plan: JobPlan) -> bool:
+    """True when results.parquet and report.html were merged from this job's ledger as it still is
+    (by this version of qwen-batch): a resume that settled nothing need not merge a million rows again."""
+    from jobs.report import REPORT_KEY
+
+    try:
+        return store.get(RESULTS_STATE_KEY) == _state(plan) and store.exists(RESULTS_KEY) and store.exists(REPORT_KEY)
+    except KeyError:
+        return False
+
+
+def mark_results_current(store: Store, plan: JobPlan) -> None:
+    store.put(RESULTS_STATE_KEY, _state(plan), content_type="application/json")
+
+
+def ledger_changes(store: Store) -> None:
+    """Called before a run first writes the ledger: what results.parquet merged is no longer all."""
+    store.delete(RESULTS_STATE_KEY)
 
 
 def read_results(store: Store):

@@ -30,6 +30,7 @@ from jobs.plan import JobPlan, open_job_manifest, resolve_context
 from jobs.pool import (BUSY, DRAINED, DRAINING, ENDED, IDLE, LOST, NOT_READY, QUARANTINED, RECOVERING, STARTING,
                        WorkerPool, WorkerSlot, pool_line, record_workers, resources_text, start_pool, waiting_line)
 from jobs.progress import ProgressBar, ProgressFile
+from jobs.results import ledger_changes
 from qwen_worker.errors import QwenBatchError
 from qwen_worker.failures import ErrorKind
 from qwen_worker.provenance import image_provenance, stored_own_image
@@ -38,6 +39,7 @@ from qwen_worker.stores import Store, sha256_hex
 
 
 LOOKAHEAD_SHARDS = 8  # fresh shards read ahead, so an idle worker can take one whose LoRAs it holds
+RECORD_WORKERS_S = 2.0  # job.json's worker list is rewritten at most this often (and when the job ends)
 
 
 @dataclass
@@ -257,6 +259,9 @@ class _Driver:
         self.shards_left = shards_todo  # fresh shards not yet read from the manifest (at most)
         self.started = time.monotonic()
         self.ever_ready = False
+        self.workers_changed = False  # job.json's worker list is behind
+        self.ledger_written = False
+        self.workers_recorded = float("-inf")
         for slot in self.slots:
             self.waiting[slot.actor.ready.remote()] = slot
 
@@ -279,12 +284,15 @@ class _Driver:
             if not refs:
                 time.sleep(0.05)  # what is left is waiting out its backoff
                 continue
-            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            ready, rest = ray.wait(refs, num_returns=1, timeout=1.0)
+            if ready and rest:  # and whatever else is ready now: one turn of bookkeeping for all of them
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             for ref in ready:
                 if ref in self.waiting:
                     self.on_ready_answer(ref)
-                else:
+                elif ref in self.in_flight:  # (not a stream of a worker quarantined meanwhile)
                     self.on_stream_item(ref)
+            self.record_workers()
 
     def idle_slots(self) -> list[WorkerSlot]:
         return [slot for slot in self.slots if slot.state == IDLE]
@@ -292,11 +300,12 @@ class _Driver:
     def dispatch_idle(self) -> None:
         if not self.pool.gate_open(time.monotonic() - self.started, self.options.ready_timeout_s):
             return  # --workers MIN: not enough workers ready yet
+        speculate = self.options.speculate
         for slot in self.idle_slots():
             work = self.next_work(slot)
             if work is None:
-                if not self.retry_queue and self.options.speculate:
-                    self.speculate(slot)
+                if speculate and not self.retry_queue:
+                    speculate = self.speculate(slot)  # none to copy for this one: none for the next either
                 continue
             self.dispatch(slot, work)
 
@@ -304,7 +313,7 @@ class _Driver:
         """A retry whose backoff is over (rows a worker error sent back go to another worker when
         there is one), else the next fresh shard."""
         now = time.monotonic()
-        usable = {s.name for s in self.slots if s.state in (STARTING, IDLE, BUSY, RECOVERING)}
+        usable = {s.name for s in self.slots if s.state in (STARTING, IDLE, BUSY, RECOVERING)} if self.retry_queue else set()
         for _ in range(len(self.retry_queue)):
             work = self.retry_queue.popleft()
             work.rows = [r for r in work.rows if not self.is_settled(work.shard_index, r.row_index)]
@@ -363,21 +372,35 @@ class _Driver:
         slot.state = BUSY
         self.in_flight[stream] = (slot, work, set())
 
-    def speculate(self, slot: WorkerSlot) -> None:
+    def speculate(self, slot: WorkerSlot) -> bool:
         """Nothing left to hand out and a worker idle: give it a copy of the oldest in-flight
         shard's unsettled rows (once per shard). The copy looks at the store first and keeps an
-        image of this row stored by the other copy; the first success of each row wins."""
+        image of this row stored by the other copy; the first success of each row wins. False
+        when no shard is left to copy."""
         for _slot, work, seen in list(self.in_flight.values()):
+            if work.shard_index in self.speculated:
+                continue
             rows = self.unsettled(work, seen)
-            if work.shard_index not in self.speculated and rows:
+            if rows:
                 self.speculated.add(work.shard_index)
                 self.outcome.speculative += 1
                 copy = ShardWork(work.shard_index, rows, work.attempt, look_first=True)
                 self.add_copies(copy)
                 self.dispatch(slot, copy)
-                return
+                return True
+        return False
 
     # ------------------------------------------------------------------ workers
+
+    def record_workers(self, *, changed: bool = False) -> None:
+        """Keep job.json's worker list current: at once after a quiet spell, else at most every
+        RECORD_WORKERS_S (a thousand workers released one by one must not rewrite it a thousand
+        times); run_job writes the final list when the job ends."""
+        self.workers_changed |= changed
+        now = time.monotonic()
+        if self.workers_changed and now - self.workers_recorded >= RECORD_WORKERS_S:
+            record_workers(self.store, self.plan, self.slots)
+            self.workers_changed, self.workers_recorded = False, now
 
     def on_ready_answer(self, ref) -> None:
         import ray
@@ -411,7 +434,7 @@ class _Driver:
         self.outcome.not_ready.append(line)
         self.options.echo(line)
         self.pool.end(slot, NOT_READY, problem)
-        record_workers(self.store, self.plan, self.slots)
+        self.record_workers(changed=True)
 
     def quarantine(self, slot: WorkerSlot, last_error: str) -> None:
         slot.state = QUARANTINED
@@ -424,7 +447,7 @@ class _Driver:
                 del self.in_flight[stream]
                 self.requeue(work, self.unsettled_copy_rows(work, seen), consume_attempt=False, avoid=slot)
         self.pool.end(slot, QUARANTINED)
-        record_workers(self.store, self.plan, self.slots)
+        self.record_workers(changed=True)
 
     # ------------------------------------------------------------------ the pool: growing, draining, releasing
 
@@ -443,7 +466,7 @@ class _Driver:
             self.waiting[slot.actor.ready.remote()] = slot
         released = self.pool.shrink(units, queue_dry=dry)
         if released:
-            record_workers(self.store, self.plan, self.slots)
+            self.record_workers(changed=True)
         self.pool.show()
 
     def on_draining(self, slot: WorkerSlot) -> None:
@@ -455,7 +478,7 @@ class _Driver:
                           "queue (no attempt counted)")
         if slot.state != BUSY:
             self.pool.end(slot, DRAINED)
-            record_workers(self.store, self.plan, self.slots)
+            self.record_workers(changed=True)
             return
         slot.state = DRAINING
         for owner, work, seen in list(self.in_flight.values()):
@@ -475,7 +498,7 @@ class _Driver:
         if state is not None:
             self.settle_tentative(work, state)
         self.pool.end(slot, DRAINED)
-        record_workers(self.store, self.plan, self.slots)
+        self.record_workers(changed=True)
 
     def check_workers_left(self) -> None:
         pool = self.pool
@@ -666,6 +689,9 @@ class _Driver:
             self.progress.update(failed=1)
         self.settle_tentative(work, state)
         if state.complete and work.shard_index in self.states:
+            if not self.ledger_written:  # results.parquet no longer merges the whole ledger
+                ledger_changes(self.store)
+                self.ledger_written = True
             table = write_shard_ledger(self.store, self.plan.job_id, work.shard_index, list(state.results.values()))
             del self.states[work.shard_index]
             self.written.append((work.shard_index, table))

@@ -12,7 +12,7 @@ from jobs.ledger import read_ledger
 from jobs.manifest import ResolveContext, validate_manifest
 from jobs.plan import JOB_RECORD_KEY, JobPlan, claim_job, file_sha256, make_job_id, manifest_copy_key, now_utc, versions
 from jobs.report import write_report
-from jobs.results import write_results
+from jobs.results import mark_results_current, results_current, write_results
 from jobs.runner import JobOutcome, RunOptions, run_job
 from qwen_worker.errors import JobBusyError, UserError
 from qwen_worker.presets import get_preset
@@ -127,9 +127,14 @@ def _claim(store, manifest, manifest_sha256, in_place, job_id, model, seed, rows
 
 
 def finish_job(prepared: PreparedJob, template_dirs=()) -> None:
-    """Merge the ledger into results.parquet (also after a partial run: unfinished rows are 'pending')."""
-    write_results(prepared.store, prepared.plan, read_ledger(prepared.store, prepared.plan.job_id), template_dirs)
-    write_report(prepared.store)
+    """Merge the ledger into results.parquet and report.html (also after a partial run: unfinished
+    rows are 'pending'), unless they already merge the ledger as it is (a resume that settled nothing)."""
+    store, plan = prepared.store, prepared.plan
+    if results_current(store, plan):
+        return
+    write_results(store, plan, read_ledger(store, plan.job_id), template_dirs)
+    write_report(store)
+    mark_results_current(store, plan)
 
 
 def check_local_gpu(preset, device: str) -> None:

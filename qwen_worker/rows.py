@@ -111,7 +111,8 @@ class RowResult:
     rerolls: int = 0  # images rendered again with another seed because their text read back too poorly
 
     def to_record(self) -> dict:
-        record = dataclasses.asdict(self)
+        """Its fields as a flat dict (lists shared, not copied: a ledger row is built from it at once)."""
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         record["status"] = self.status.value
         return record
 

@@ -89,6 +89,28 @@ def test_resume_renders_only_missing_rows(ray_session, write_manifest, tmp_path)
     assert (again.done, again.skipped, again.rendered) == (10, 10, 0)
 
 
+def test_a_resume_with_every_row_done_leaves_results_and_report_as_they_are(ray_session, write_manifest, tmp_path):
+    manifest = write_manifest(tiny_rows(6))
+    output = tmp_path / "out"
+    run(manifest, output)
+    merged = ("results.parquet", "report.html")
+    written = {name: (output / name).stat().st_mtime_ns for name in merged}
+
+    again = run(manifest, output)  # nothing settled since they were written: nothing to merge again
+
+    assert (again.done, again.skipped, again.rendered) == (6, 6, 0)
+    assert {name: (output / name).stat().st_mtime_ns for name in merged} == written
+    (output / "report.html").unlink()  # one of them gone: both are written again
+    run(manifest, output)
+    assert (output / "report.html").is_file()
+    written = {name: (output / name).stat().st_mtime_ns for name in merged}
+    forget_ledger_rows(output, [2])  # a run that settles a row again merges again
+    third = run(manifest, output)
+    assert (third.done, third.skipped, third.rendered) == (6, 5, 0)
+    assert all((output / name).stat().st_mtime_ns != written[name] for name in merged)
+    assert pq.read_table(output / "results.parquet").column("status").to_pylist() == ["done"] * 6
+
+
 def test_conflicting_object_fails_its_row_only_then_overwrite_replaces_it(ray_session, write_manifest, tmp_path):
     manifest = write_manifest(tiny_rows(5))
     output = tmp_path / "out"
