@@ -36,7 +36,7 @@ REPORT_KEY = "report.html"
 LINK_MODES = ("relative", "presigned")
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600  # the SigV4 limit
 DEFAULT_MAX_CARDS = 2000
-_READ_BATCH_ROWS = 4096
+_READ_BATCH_ROWS = 65536
 _KNOWN_COLUMNS = (
     "id", "status", "keys", "sha256", "seed", "width", "height", "steps", "true_cfg_scale", "format", "prompt",
     "negative_prompt", "template", "render_s", "upload_s", "attempts", "rendered", "worker", "error",
@@ -118,8 +118,9 @@ def _linker(store: Store, link: str, expires: int):
 
 # ------------------------------------------------------------------------------------ data
 def _scan(data: bytes, max_cards: int):
-    """Stream results.parquet: exact totals over every row, and at most `max_cards` failed rows
-    plus at most `max_cards` other rows (manifest order) for the cards."""
+    """Stream results.parquet: exact totals over every row (computed on whole columns), and at most
+    `max_cards` failed rows plus at most `max_cards` other rows (manifest order) for the cards."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     parquet_file = pq.ParquetFile(io.BytesIO(data))
@@ -127,31 +128,50 @@ def _scan(data: bytes, max_cards: int):
     extra = extra[:_MAX_EXTRA_COLUMNS]
     totals = {"rows": 0, "done": 0, "failed": 0, "pending": 0, "images": 0,
               "render_s_total": 0.0, "upload_s_total": 0.0}  # fmt: skip
-    rendered, uploaded = [], []
+    timed = {"render_s": 0, "upload_s": 0}  # rows with a time, for the means
     failed, others = [], []
     for batch in parquet_file.iter_batches(batch_size=_READ_BATCH_ROWS):
-        known = batch.select([name for name in _KNOWN_COLUMNS if name in batch.schema.names])
-        shown = {name: _display_values(batch.column(name)) for name in extra}
-        for offset, row in enumerate(known.to_pylist()):
-            for name in extra:
-                row[name] = shown[name][offset]
-            status = row.get("status") or "pending"
-            totals["rows"] += 1
-            totals[status if status in ("done", "failed") else "pending"] += 1
-            totals["images"] += sum(1 for digest in row.get("sha256") or () if digest)
-            if row.get("render_s"):
-                totals["render_s_total"] += row["render_s"]
-                rendered.append(row["render_s"])
-            if row.get("upload_s"):
-                totals["upload_s_total"] += row["upload_s"]
-                uploaded.append(row["upload_s"])
-            row["_extra"] = {name: row.get(name) for name in extra if row.get(name) is not None}
-            target = failed if status == "failed" else others
-            if len(target) < max_cards:
-                target.append(row)
-    totals["render_s_mean"] = sum(rendered) / len(rendered) if rendered else None
-    totals["upload_s_mean"] = sum(uploaded) / len(uploaded) if uploaded else None
+        names = batch.schema.names
+        status = pc.fill_null(batch.column("status"), "pending") if "status" in names else None
+        is_done = pc.fill_null(pc.equal(status, "done"), False) if status is not None else None
+        is_failed = pc.fill_null(pc.equal(status, "failed"), False) if status is not None else None
+        done = pc.sum(is_done).as_py() or 0 if is_done is not None else 0
+        failures = pc.sum(is_failed).as_py() or 0 if is_failed is not None else 0
+        totals["rows"] += batch.num_rows
+        totals["done"] += done
+        totals["failed"] += failures
+        totals["pending"] += batch.num_rows - done - failures
+        if "sha256" in names:  # a digest per stored image
+            digests = pc.list_flatten(batch.column("sha256"))
+            totals["images"] += pc.sum(pc.fill_null(pc.not_equal(digests, ""), False)).as_py() or 0
+        for name in timed:
+            if name in names:
+                values = pc.filter(batch.column(name), pc.fill_null(pc.greater(batch.column(name), 0), False))
+                totals[f"{name}_total"] += pc.sum(values).as_py() or 0.0
+                timed[name] += len(values)
+        for target, wanted in ((failed, is_failed), (others, pc.invert(is_failed) if is_failed is not None else None)):
+            room = max_cards - len(target)
+            if room <= 0:
+                continue
+            indices = pc.indices_nonzero(wanted)[:room] if wanted is not None else list(range(min(room, batch.num_rows)))
+            if len(indices):
+                target.extend(_card_rows(batch.take(indices), extra))
+    totals["render_s_mean"] = totals["render_s_total"] / timed["render_s"] if timed["render_s"] else None
+    totals["upload_s_mean"] = totals["upload_s_total"] / timed["upload_s"] if timed["upload_s"] else None
     return totals, failed, others
+
+
+def _card_rows(batch, extra: list[str]) -> list[dict]:
+    """The rows of `batch` as the cards read them: the known columns, plus the pass-through ones
+    (`_extra`) that have a value."""
+    known = batch.select([name for name in _KNOWN_COLUMNS if name in batch.schema.names])
+    shown = {name: _display_values(batch.column(name)) for name in extra}
+    rows = known.to_pylist()
+    for offset, row in enumerate(rows):
+        for name in extra:
+            row[name] = shown[name][offset]
+        row["_extra"] = {name: row.get(name) for name in extra if row.get(name) is not None}
+    return rows
 
 
 def _display_values(column) -> list:

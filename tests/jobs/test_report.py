@@ -192,6 +192,23 @@ def test_cards_are_capped_failed_first_while_totals_stay_exact(tmp_path):
     assert "Showing" not in render_report(store)
 
 
+def test_totals_and_cards_are_the_same_when_results_are_read_in_many_batches(tmp_path, monkeypatch):
+    import jobs.report
+
+    store = LocalStore(tmp_path)
+    rows = sample_rows() + [result_row(f"r{n:02d}", "done") for n in range(4)] + [result_row("zz", "failed", error="x")]
+    write_job(store, rows)
+    whole = Page(render_report(store, max_cards=4))
+    monkeypatch.setattr(jobs.report, "_READ_BATCH_ROWS", 2)  # totals summed and cards capped across batches
+
+    batched = Page(render_report(store, max_cards=4))
+
+    assert batched.cards == whole.cards == [("b-failed", "failed"), ("e-failed", "failed"), ("zz", "failed"),
+                                            ("a-done", "done")]  # fmt: skip
+    assert batched.totals == whole.totals
+    assert_totals(batched, pq.read_table(tmp_path / "results.parquet"))
+
+
 def test_report_refuses_what_it_cannot_do(tmp_path):
     store = LocalStore(tmp_path)
     with pytest.raises(UserError, match=r"no job found in .* \(it has no job.json\)"):
