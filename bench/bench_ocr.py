@@ -1,7 +1,8 @@
-"""Text-fidelity OCR figures on this CPU: seconds per megapixel, and the scores of right / near-miss /
-wrong / text-free images, in Chinese, English and mixed.
+"""Text-fidelity OCR figures on this CPU: seconds per megapixel, the scores of right / near-miss /
+wrong / text-free images, in Chinese, English and mixed, and rows/s of a tiny job with and without
+`--check-text`.
 
-    .venv/bin/python bench/bench_ocr.py [--threads N] [--repeat 3]
+    .venv/bin/python bench/bench_ocr.py [--threads N] [--repeat 3] [--job-rows 48] [--job-size 512]
 
 Images are drawn with Pillow in Debian's fonts-wqy-microhei (apt-get install fonts-wqy-microhei):
 two lines of text (the expected string and another line) on a plain background ("clean"), and the
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: every core)")
     parser.add_argument("--repeat", type=int, default=3, help="images timed per size (the median is kept)")
+    parser.add_argument("--job-rows", type=int, default=48, help="rows of the tiny job run with and without "
+                        "--check-text (0: skip)")
+    parser.add_argument("--job-size", type=int, default=512, help="that job's image size")
     args = parser.parse_args(argv)
     if not FONT.is_file():
         print(NO_FONT, file=sys.stderr)
@@ -95,7 +99,33 @@ def main(argv: list[str] | None = None) -> int:
             for variant, values in scores.items():
                 print(f"score_{style}_{language}_{variant} mean {statistics.mean(values):.3f} "
                       f"min {min(values):.3f} max {max(values):.3f}")
+    if args.job_rows:
+        job_throughput(args.job_rows, args.job_size)
     return 0
+
+
+def job_throughput(rows: int, size: int) -> None:
+    """rows/s of a whole tiny job whose prompts carry quoted text, with and without --check-text
+    (one worker; OCR runs on the worker beside encoding)."""
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.submit_api import submit_job
+
+    with tempfile.TemporaryDirectory(prefix="bench-ocr-job-") as tmp:
+        manifest = f"{tmp}/m.parquet"
+        pq.write_table(pa.table({"id": [f"sign-{n:04d}" for n in range(rows)],
+                                 "prompt": [f'A shop sign reading "老王面馆 {n}"' for n in range(rows)],
+                                 "width": [size] * rows, "height": [size] * rows, "steps": [4] * rows}), manifest)
+        for label, options in (("off", {}), ("on", {"check_text": True, "min_text_score": 0.5})):
+            started = time.perf_counter()
+            outcome = submit_job(manifest, f"{tmp}/out-{label}", model="tiny", workers=1, show_progress=False,
+                                 echo=lambda _text: None, **options)
+            seconds = time.perf_counter() - started
+            print(f"tiny_job_{rows}_rows_{size}x{size}_check_text_{label} {rows / seconds:.2f} rows/s "
+                  f"(whole submit {seconds:.1f} s, {outcome.done} done)")
 
 
 if __name__ == "__main__":

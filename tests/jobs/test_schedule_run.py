@@ -34,12 +34,15 @@ def test_a_due_entry_is_rendered_once_by_two_schedulers(ray_session, write_manif
     second = schedule_run(schedule, tmp_path / "state", ray_session)
 
     assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
     assert first.stdout.startswith("submitted 1 run(s)\n  sched-every-minute-")
-    [run_dir] = list(out.iterdir())
+    next_minute = second.stdout.startswith("submitted 1 run(s)")  # the clock turned to the next minute in between
+    run_dirs = sorted(out.iterdir())  # named {date}-{time} of their fire: the first scheduler's is the earliest
+    assert len(run_dirs) == 1 + next_minute
+    run_dir = run_dirs[0]
     assert sorted(p.name for p in (run_dir / "images").iterdir()) == ["row-000.png", "row-001.png", "row-002.png"]
     run_id = first.stdout.split()[-1]
     assert (tmp_path / "state" / "_schedule" / "marketing" / f"{run_id}.json").exists()
-    assert second.returncode == 0, second.stderr
     assert run_id not in second.stdout  # claimed by the first scheduler: never submitted twice
     # nothing else was due, unless the clock turned to the next minute in between
     assert second.stdout.startswith("submitted 0 run(s)") or second.stdout.startswith("submitted 1 run(s)\n  sched-every-minute-")
