@@ -133,7 +133,7 @@ def results_current(store: Store, plan: JobPlan) -> bool:
 
     try:
         return store.get(RESULTS_STATE_KEY) == _state(plan) and store.exists(RESULTS_KEY) and store.exists(REPORT_KEY)
-    except KeyError:
+    except Exception:  # no marker, or it cannot be read now: merge again (never wrong, only slower)
         return False
 
 
