@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from jobs.ledger import COMPACT_EVERY, compact, read_ledger, write_shard_ledger
+from jobs.ledger import COMPACT_EVERY, STATE_COLUMNS, compact, read_ledger, write_shard_ledger
 from jobs.manifest import ResolveContext, iter_resolved, render_rows, row_messages
 from jobs.plan import JobPlan, open_job_manifest, resolve_context
 from jobs.pool import (BUSY, DRAINED, DRAINING, ENDED, IDLE, LOST, NOT_READY, QUARANTINED, RECOVERING, STARTING,
@@ -193,7 +193,7 @@ def run_job(plan: JobPlan, store: Store, options: RunOptions, *, address: str | 
     """Render every row of `plan` not yet done; return counts once every row has settled."""
     import ray
 
-    ledger = read_ledger(store, plan.job_id)
+    ledger = read_ledger(store, plan.job_id, columns=STATE_COLUMNS)  # enough to know what is done
     done = ledger.done_mask(plan.rows)
     context = resolve_context(plan, options.template_dirs, model_dir=options.model_dir,
                               store_options=store.worker_options())
@@ -208,6 +208,8 @@ def run_job(plan: JobPlan, store: Store, options: RunOptions, *, address: str | 
         return outcome
 
     parquet_file = parquet_file or open_job_manifest(plan, store)
+    if already_done:  # the rows of shards partly done carry their whole records into the shard's ledger file
+        ledger = read_ledger(store, plan.job_id)
     owns_ray = connect_ray(address)
     progress_file = ProgressFile(store, plan.job_id, progress)
     slots: list[WorkerSlot] = []

@@ -4,13 +4,16 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from helpers import forget_ledger_rows, ledger_rows, tiny_rows
+from jobs.ledger import STATE_COLUMNS, read_ledger
 from jobs.status import job_status
 from jobs.submit_api import submit_job
 from qwen_worker.errors import UserError
+from qwen_worker.stores import LocalStore
 
 
 def run(manifest, output, **options):
@@ -93,6 +96,12 @@ def test_a_resume_with_every_row_done_leaves_results_and_report_as_they_are(ray_
     manifest = write_manifest(tiny_rows(6))
     output = tmp_path / "out"
     run(manifest, output)
+    store = LocalStore(output)
+    job_id = json.loads((output / "job.json").read_text())["job_id"]
+    state, full = read_ledger(store, job_id, columns=STATE_COLUMNS), read_ledger(store, job_id)
+    assert state.table.column_names == ["job_id", "row_index", "status", "input_digest"]  # what a resume reads first
+    assert (state.done_mask(6) == full.done_mask(6)).all() and state.done_mask(6).all()
+    assert state.input_digests(np.arange(6)) == full.input_digests(np.arange(6))
     merged = ("results.parquet", "report.html")
     written = {name: (output / name).stat().st_mtime_ns for name in merged}
 
