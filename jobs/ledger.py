@@ -191,11 +191,12 @@ def read_ledger(store: Store, job_id: str, *, columns: tuple[str, ...] | None = 
         tables.append(table.select(schema.names).cast(schema))
     if not tables:
         return Ledger(schema.empty_table())
-    table = pa.concat_tables(tables)
-    table = table.filter(pc.equal(table.column("job_id"), job_id))
-    table = table.append_column("_order", pa.array(np.arange(len(table), dtype=np.int64)))
-    table = table.sort_by([("row_index", "ascending"), ("_order", "descending")])
-    rows = np.asarray(table.column("row_index").to_numpy(zero_copy_only=False))
-    first = np.ones(len(rows), dtype=bool)
-    first[1:] = rows[1:] != rows[:-1]  # the newest record of each row comes first
-    return Ledger(table.filter(pa.array(first)).drop_columns(["_order"]))
+    table = pa.concat_tables(tables)  # (no copy: the files' tables become its chunks)
+    del tables
+    ours = np.flatnonzero(pc.fill_null(pc.equal(table.column("job_id"), job_id), False).to_numpy())
+    rows = table.column("row_index").to_numpy()
+    order = ours[np.argsort(rows[ours], kind="stable")]  # by row; a row's records stay in file order
+    by_row = rows[order]
+    newest = np.ones(len(order), dtype=bool)
+    newest[:-1] = by_row[:-1] != by_row[1:]  # the last record of each row is its newest
+    return Ledger(table.take(pa.array(order[newest])))  # one copy of what is kept
