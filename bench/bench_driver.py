@@ -160,18 +160,11 @@ def install(fleet: Fleet, workers: int) -> None:
 # ---------------------------------------------------------------------------------------------------
 # measuring
 # ---------------------------------------------------------------------------------------------------
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM), in MB."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -257,7 +250,7 @@ def simulate(args, manifest: Path, output: str, workers: int) -> None:
         print(f"[{tag}] phase {name}: {seconds:.2f} s")
     print(f"[{tag}] submit wall: {wall:.1f} s")
     print(f"[{tag}] RSS before submit: {before:.0f} MB; peak over the submit: {max(r for _t, r in sampler.samples):.0f} MB "
-          f"(process VmHWM {peak_rss_mb():.0f} MB)")
+          f"(process VmHWM {rss_mb('VmHWM'):.0f} MB)")
     start, end = phases.spans["run_job"]
     during = [r for t, r in sampler.samples if start <= t <= end]
     if during:

@@ -184,10 +184,8 @@ def submit_to_cluster(manifest: str, output: str, *, address: str, model: str = 
                       shared_fs: bool = False, forward_env=(), first_worker_timeout_s: float | None = None,
                       **render) -> int:
     from jobs.pool import parse_workers
-    from jobs.submit_api import prepare_job
+    from jobs.submit_api import prepare_job, text_check_options
     from qwen_worker.models.loading import check_device_options
-
-    from jobs.submit_api import text_check_options
 
     check_device_options(device, offload)
     text_check_options(render.get("check_text", False), render.get("min_text_score"), render.get("max_rerolls", 0),

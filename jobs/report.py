@@ -120,6 +120,7 @@ def _linker(store: Store, link: str, expires: int):
 def _scan(data: bytes, max_cards: int):
     """Stream results.parquet: exact totals over every row (computed on whole columns), and at most
     `max_cards` failed rows plus at most `max_cards` other rows (manifest order) for the cards."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
@@ -132,11 +133,10 @@ def _scan(data: bytes, max_cards: int):
     failed, others = [], []
     for batch in parquet_file.iter_batches(batch_size=_READ_BATCH_ROWS):
         names = batch.schema.names
-        status = pc.fill_null(batch.column("status"), "pending") if "status" in names else None
-        is_done = pc.fill_null(pc.equal(status, "done"), False) if status is not None else None
-        is_failed = pc.fill_null(pc.equal(status, "failed"), False) if status is not None else None
-        done = pc.sum(is_done).as_py() or 0 if is_done is not None else 0
-        failures = pc.sum(is_failed).as_py() or 0 if is_failed is not None else 0
+        status = batch.column("status") if "status" in names else pa.nulls(batch.num_rows, pa.string())
+        is_failed = pc.fill_null(pc.equal(status, "failed"), False)  # no status: pending
+        done = pc.sum(pc.fill_null(pc.equal(status, "done"), False)).as_py() or 0
+        failures = pc.sum(is_failed).as_py() or 0
         totals["rows"] += batch.num_rows
         totals["done"] += done
         totals["failed"] += failures
@@ -149,11 +149,11 @@ def _scan(data: bytes, max_cards: int):
                 values = pc.filter(batch.column(name), pc.fill_null(pc.greater(batch.column(name), 0), False))
                 totals[f"{name}_total"] += pc.sum(values).as_py() or 0.0
                 timed[name] += len(values)
-        for target, wanted in ((failed, is_failed), (others, pc.invert(is_failed) if is_failed is not None else None)):
+        for target, wanted in ((failed, is_failed), (others, pc.invert(is_failed))):
             room = max_cards - len(target)
             if room <= 0:
                 continue
-            indices = pc.indices_nonzero(wanted)[:room] if wanted is not None else list(range(min(room, batch.num_rows)))
+            indices = pc.indices_nonzero(wanted)[:room]
             if len(indices):
                 target.extend(_card_rows(batch.take(indices), extra))
     totals["render_s_mean"] = totals["render_s_total"] / timed["render_s"] if timed["render_s"] else None

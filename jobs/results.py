@@ -156,13 +156,13 @@ def read_results(store: Store):
 def _extras_columns(resolved) -> dict:
     """inputs / loras / speed of each row, as results.parquet shows them."""
     import pyarrow as pa
-
     import pyarrow.compute as pc
 
     extras, valid = resolved.extras, resolved.valid
-    speed = pc.if_else(pa.array(valid), pa.array(extras.speeds, pa.string()), pa.scalar(None, pa.string()))
+    is_valid = pa.array(valid)
+    speed = pc.if_else(is_valid, pa.array(extras.speeds, pa.string()), pa.scalar(None, pa.string()))
     if not any(extras.inputs) and not any(extras.loras) and all(mask is None for mask in extras.masks):
-        empty = pc.if_else(pa.array(valid), pa.scalar([], pa.list_(pa.string())), pa.scalar(None, pa.list_(pa.string())))
+        empty = pc.if_else(is_valid, pa.scalar([], pa.list_(pa.string())), pa.scalar(None, pa.list_(pa.string())))
         return {"inputs": empty, "loras": empty, "speed": speed}  # text-to-image rows without LoRAs (most jobs)
     inputs = [[ref.uri for ref in (*extras.inputs[i], *([extras.masks[i]] if extras.masks[i] else []))] if valid[i]
               else None for i in range(resolved.size)]
