@@ -22,7 +22,19 @@ from jobs.manifest.rules import EXTENSIONS, format_value, row_error, who
 
 _MULTIPLIER = np.uint64(0x100000001B3)
 _LENGTH_MIX = np.uint64(0x9E3779B97F4A7C15)
-_POWERS = np.cumprod(np.concatenate([[np.uint64(1)], np.full(4095, _MULTIPLIER, dtype=np.uint64)])).astype(np.uint64)
+_CHUNK_BYTES = 1 << 18  # strings are hashed in chunks of about this many bytes: temporaries stay small
+_tables: list = []  # [powers, inverse powers] of the multiplier, shared by every chunk
+
+
+def _power_tables(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """M**i and M**-i (mod 2**64; M is odd, so it has an inverse) for i < size, at least."""
+    if not _tables or len(_tables[0]) < size:
+        size = max(size, _CHUNK_BYTES + 4097)
+        with np.errstate(over="ignore"):
+            inverse = np.uint64(pow(int(_MULTIPLIER), -1, 2**64))
+            _tables[:] = [np.cumprod(np.concatenate([[np.uint64(1)], np.full(size - 1, m, dtype=np.uint64)]),
+                                     dtype=np.uint64) for m in (_MULTIPLIER, inverse)]
+    return _tables[0], _tables[1]
 
 
 def _buffers(array):
@@ -40,52 +52,57 @@ def _buffers(array):
     return offsets.astype(np.int64), data
 
 
-def _prefix_sums(array):
-    """(starts, ends, C): string i's bytes are data[starts[i]:ends[i]] and its polynomial hash
-    is C[ends[i]] - C[starts[i]] (uint64, wrapping), weights by position within the string."""
+def _chunks(array):
+    """(starts, ends, sums, segment, powers_inverse) per chunk of whole strings: string i of the chunk is
+    segment[starts[i]:ends[i]], and its polynomial hash (byte j of a string weighs M**j) is
+    (sums[ends[i]] - sums[starts[i]]) * powers_inverse[starts[i]], uint64, wrapping."""
     import pyarrow.compute as pc
 
-    array = pc.fill_null(array, "")
-    offsets, data = _buffers(array)
-    base, total = offsets[0], offsets[-1] - offsets[0]
-    starts, ends = offsets[:-1] - base, offsets[1:] - base
-    lengths = ends - starts
-    if lengths.size and lengths.max() >= len(_POWERS):
-        raise ValueError("string too long to hash")  # ids are <= 128 and keys <= ~560 characters
-    segment = data[base: base + total].astype(np.uint64)
-    position = np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
-    sums = np.concatenate([[np.uint64(0)], np.cumsum(segment * _POWERS[position], dtype=np.uint64)])
-    return starts, ends, sums, segment
+    offsets, data = _buffers(pc.fill_null(array, ""))
+    first = 0
+    while first < len(offsets) - 1:
+        last = max(int(np.searchsorted(offsets, offsets[first] + _CHUNK_BYTES, side="right")) - 1, first + 1)
+        base, total = offsets[first], offsets[last] - offsets[first]
+        powers, inverse = _power_tables(total + 1)
+        segment = data[base: base + total]
+        sums = np.zeros(total + 1, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            np.cumsum(np.multiply(segment, powers[:total], dtype=np.uint64), out=sums[1:])
+        yield offsets[first:last] - base, offsets[first + 1:last + 1] - base, sums, segment, inverse
+        first = last
 
 
-def _finish(poly: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    return (poly ^ (lengths.astype(np.uint64) * _LENGTH_MIX)).view(np.int64)
+def _hash(sums, start, end, inverse) -> np.ndarray:
+    """The hashes (int64) of the pieces [start, end) of one chunk."""
+    with np.errstate(over="ignore"):
+        return ((sums[end] - sums[start]) * inverse[start] ^ (end - start).astype(np.uint64) * _LENGTH_MIX).view(np.int64)
 
 
 def string_hashes(array) -> np.ndarray:
     """An 8-byte hash of each string (int64); equal strings have equal hashes."""
-    starts, ends, sums, _segment = _prefix_sums(array)
-    with np.errstate(over="ignore"):
-        return _finish(sums[ends] - sums[starts], ends - starts)
+    parts = [_hash(sums, starts, ends, inverse) for starts, ends, sums, _segment, inverse in _chunks(array)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def hashes_and_folders(array, skip_first: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(hash of each string, hash of each of its folders, the string each folder is of). Folders
     are the parts before each '/', but the first `skip_first` ('images/' is every key's)."""
-    starts, ends, sums, segment = _prefix_sums(array)
-    with np.errstate(over="ignore"):
-        full = _finish(sums[ends] - sums[starts], ends - starts)
-    slashes = np.flatnonzero(segment == ord("/"))
-    owner = np.searchsorted(starts, slashes, side="right") - 1
-    if skip_first:
-        counts = np.zeros(len(slashes), dtype=np.int64)
-        if len(slashes):  # rank of each slash within its string
-            first_of_owner = np.searchsorted(owner, owner, side="left")
-            counts = np.arange(len(slashes)) - first_of_owner
-        keep = counts >= skip_first
-        slashes, owner = slashes[keep], owner[keep]
-    with np.errstate(over="ignore"):
-        return full, _finish(sums[slashes] - sums[starts[owner]], slashes - starts[owner]), owner
+    full, folders, owners = [], [], []
+    done = 0
+    for starts, ends, sums, segment, inverse in _chunks(array):
+        full.append(_hash(sums, starts, ends, inverse))
+        slashes = np.flatnonzero(segment == ord("/"))
+        owner = np.searchsorted(starts, slashes, side="right") - 1
+        if skip_first and len(slashes):  # rank of each slash within its string
+            keep = np.arange(len(slashes)) - np.searchsorted(owner, owner, side="left") >= skip_first
+            slashes, owner = slashes[keep], owner[keep]
+        folders.append(_hash(sums, starts[owner], slashes, inverse))
+        owners.append(owner + done)
+        done += len(starts)
+    if not full:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    return np.concatenate(full), np.concatenate(folders), np.concatenate(owners)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,41 +192,53 @@ class KeyIndex:
 
         groups = {"id": _repeated(cat("id_hash"), cat("id_row", np.int32))}
         key_rows = cat("key_row", np.int32)
-        groups["key"] = _repeated(cat("key_hash"), key_rows)
-        lower = cat("lower_hash")
-        groups["case"] = _repeated(lower, key_rows)
+        key_hashes, lower = cat("key_hash"), cat("lower_hash")
+        sorted_lower = np.sort(lower)
+        if np.array_equal(key_hashes, lower):  # no upper case anywhere: the case check has nothing to add
+            groups["key"], groups["case"] = _repeated(lower, key_rows, sorted_lower), []
+        else:
+            groups["key"], groups["case"] = _repeated(key_hashes, key_rows), _repeated(lower, key_rows, sorted_lower)
+        del key_hashes
         folders, folder_rows = cat("folder_hash"), cat("folder_row", np.int32)
-        order = np.argsort(lower, kind="stable")
-        sorted_lower = lower[order]
-        hits = np.zeros(0, dtype=np.int64)
-        if len(folders) and len(sorted_lower):
-            at = np.minimum(np.searchsorted(sorted_lower, folders), len(sorted_lower) - 1)
-            hits = np.flatnonzero(sorted_lower[at] == folders)
+        hits = np.flatnonzero(_members(folders, sorted_lower))  # folders that are also a key
         pairs = []
-        for index in hits:
-            low, high = np.searchsorted(sorted_lower, folders[index], "left"), np.searchsorted(sorted_lower, folders[index], "right")
-            for position in range(low, high):
-                pairs.append((int(folder_rows[index]), int(key_rows[order[position]])))
+        if len(hits):
+            keys_of: dict[int, list[int]] = {}
+            for position in np.flatnonzero(_members(lower, np.unique(folders[hits]))).tolist():
+                keys_of.setdefault(int(lower[position]), []).append(int(key_rows[position]))
+            for index in hits.tolist():
+                pairs.extend((int(folder_rows[index]), key_row) for key_row in keys_of[int(folders[index])])
         groups["folder"] = pairs
         rows = {r for check in ("id", "key", "case") for group in groups[check] for r in group}
         rows.update(r for pair in pairs for r in pair)
         return groups, rows
 
 
-def _repeated(hashes: np.ndarray, rows: np.ndarray) -> list[list[int]]:
-    """Row groups sharing a hash (each sorted), from one sort: linear in rows for any repetition."""
+def _members(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """Whether each of `values` is in `sorted_set` (sorted ascending): a mask."""
+    if not len(sorted_set) or not len(values):
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[at] == values
+
+
+def _repeated(hashes: np.ndarray, rows: np.ndarray, sorted_hashes: np.ndarray | None = None) -> list[list[int]]:
+    """Row groups sharing a hash (rows ascending), linear in rows for any repetition: one sort of the
+    hashes finds the repeated values, and only their rows are grouped."""
     if len(hashes) < 2:
         return []
-    order = np.argsort(hashes, kind="stable")  # rows were added in ascending order: they stay so
-    hashes, rows = hashes[order], rows[order]
-    repeats = np.flatnonzero(hashes[1:] == hashes[:-1])
-    if not len(repeats):
+    if sorted_hashes is None:
+        sorted_hashes = np.sort(hashes)
+    same = sorted_hashes[1:] == sorted_hashes[:-1]
+    if not same.any():
         return []
+    member = np.flatnonzero(_members(hashes, np.unique(sorted_hashes[1:][same])))
+    order = np.argsort(hashes[member], kind="stable")  # rows were added in ascending order: they stay so
+    hashes, rows = hashes[member][order], rows[member][order]
     boundary = np.flatnonzero(hashes[1:] != hashes[:-1]) + 1
     starts = np.concatenate([[0], boundary])
     ends = np.concatenate([boundary, [len(hashes)]])
-    big = np.flatnonzero(ends - starts > 1)
-    return [rows[starts[g]:ends[g]].tolist() for g in big]
+    return [rows[start:end].tolist() for start, end in zip(starts.tolist(), ends.tolist())]
 
 
 def collision_errors(groups: dict, strings: dict[int, tuple[str | None, list[str]]]) -> list[tuple[int, str]]:

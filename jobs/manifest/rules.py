@@ -56,7 +56,7 @@ def format_value(value: Any) -> str:
 
 
 def who(row_index: int, row_id: Any) -> str:
-    return f"row {row_index} (id {row_id!r})" if isinstance(row_id, str) and row_id else f"row {row_index}"
+    return f"row {row_index} (id {format_value(row_id)})" if isinstance(row_id, str) and row_id else f"row {row_index}"
 
 
 def row_error(row_index: int, row_id: Any, field_name: str, rule: str, value: Any) -> str:

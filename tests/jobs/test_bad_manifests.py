@@ -103,6 +103,16 @@ def test_deeply_nested_params_json_is_a_row_error(tmp_path):
     assert error.startswith("row 0 (id 'a'): `params`: params must be a JSON object nested less deeply, got: '[[[")
 
 
+def test_a_very_long_id_is_a_row_error(tmp_path, capsys):
+    table = pa.table({"id": ["x" * 5000, "b"], "prompt": ["a", "b"]})
+    path = write(tmp_path, table)
+    [error] = errors_of(path)
+    shown = "'" + "x" * 77 + "...'"  # a long value is cut to 80 characters, wherever it is shown
+    assert error.startswith(f"row 0 (id {shown}): `id` must be 1-128 letters") and error.endswith(f"got: {shown}")
+    code, _out, err = cli(capsys, "validate", path, "--model", "tiny")
+    assert code == 1 and "unexpected" not in err
+
+
 def test_an_output_key_with_a_c1_control_character_is_refused(tmp_path):
     table = pa.table({"id": ["a"], "prompt": ["x"], "output_key": ["ads\u0085x"]})
     assert errors_of(write(tmp_path, table)) == [
@@ -292,7 +302,7 @@ def test_an_unexpected_exception_is_one_line_with_the_trace_in_a_file(tmp_path):
 def random_bad_table(rng: random.Random):
     """One generated manifest: a few rows, each with a few fields set to hostile values."""
     hostile = {
-        "id": ["", "../x", "a" * 200, None, "ok", "a/b", "\u0085", "é", 5],
+        "id": ["", "../x", "a" * 200, "a" * 5000, None, "ok", "a/b", "\u0085", "é", 5],
         "prompt": ["", "   ", None, "x" * 10_000, "香港", "\x00", "ok"],
         "template": ["product-poster", "nope", "", None],
         "params": ["{", "[]", "null", '{"product_name": 1}', "[" * 5000, "{}", None, '{"x": NaN}'],

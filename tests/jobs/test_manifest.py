@@ -183,3 +183,20 @@ def test_text_to_draw_reaches_the_prompt_verbatim_in_quotes(write_manifest):
     assert "“云雾绿茶 Cloud Tea”" in row.prompt and "“¥39.9”" in row.prompt
     assert row.prompt.endswith(", 超清，4K，电影级构图.")
     assert row.negative_prompt.startswith("模糊")
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 1 << 18])
+def test_a_string_hashes_the_same_wherever_it_sits(monkeypatch, chunk_bytes):
+    """Keys are hashed in chunks of whole strings; a string's hash must not depend on its chunk,
+    its position, its neighbours or its length (ids of any length are hashed, never refused)."""
+    from jobs.manifest import keys
+
+    monkeypatch.setattr(keys, "_CHUNK_BYTES", chunk_bytes)
+    strings = ["", "a", "images/x.png", "香港/é/b", "images/x.png", "x" * 5000, "b/c/d", "a"]
+    together = keys.string_hashes(pa.array(strings).slice(0))
+    alone = [int(keys.string_hashes(pa.array([s]))[0]) for s in strings]
+    assert together.tolist() == alone
+    assert alone[2] == alone[4] and len(set(alone)) == len(set(strings))
+    full, folders, owner = keys.hashes_and_folders(pa.array(["images/a/b.png", "images/a", "x"]).slice(0))
+    assert owner.tolist() == [0]  # 'images/' is skipped: only 'images/a' is a folder of a key
+    assert folders[0] == full[1]
