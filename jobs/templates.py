@@ -46,8 +46,6 @@ _QUOTES = {"en": ('"', '"'), "zh": ("\u201c", "\u201d")}  # "…" and “…”
 # `quoted` marks its output with these two private-use characters so that the whitespace tidy-up
 # after rendering (YAML line folding, empty `{% if %}` blocks) never touches quoted text.
 _KEEP_OPEN, _KEEP_CLOSE = "\ue000", "\ue001"
-_TIDY_RE = re.compile(f"({_KEEP_OPEN}[^{_KEEP_CLOSE}]*{_KEEP_CLOSE})|(\\s+)")
-_CJK_RE = re.compile("[\u2e80-\u9fff\uf900-\ufaff\ufe30-\ufe4f\uff00-\uffef\u201c\u201d]")
 
 
 class TemplateError(UserError):
@@ -66,7 +64,7 @@ def parse_params(value: Any) -> dict:
     """
     if type(value) is str:
         try:
-            parsed = json.loads(value, parse_constant=_reject_constant)
+            parsed = _JSON.decode(value)
         except RecursionError:
             raise TemplateError(f"params must be a JSON object nested less deeply, got: {_show(value)}") from None
         except ValueError:
@@ -82,7 +80,7 @@ def parse_params(value: Any) -> dict:
         value = value.decode("utf-8", errors="replace")
     if isinstance(value, str):
         try:
-            parsed = json.loads(value, parse_constant=_reject_constant)
+            parsed = _JSON.decode(value)
         except RecursionError:
             raise TemplateError(f"params must be a JSON object nested less deeply, got: {_show(value)}") from None
         except ValueError:
@@ -98,6 +96,9 @@ def _one_line(exc: BaseException) -> str:
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not allowed")
+
+
+_JSON = json.JSONDecoder(parse_constant=_reject_constant)  # one decoder: json.loads with options builds one per call
 
 
 def _show(value: Any, limit: int = 80) -> str:
