@@ -21,6 +21,7 @@ replace built-ins of the same name.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -157,19 +158,32 @@ def _tidy(text: str) -> str:
                 last = body[-1]
             pending_space = False
             continue
-        words = piece.split()
-        if not words:
+        tidied = _tidy_piece(piece)
+        if tidied is None:
             pending_space = pending_space or bool(piece)
             continue
-        space = pending_space or piece[0].isspace()
-        for word in words:
-            if space and last and not (_is_cjk(last) and _is_cjk(word[0])):
-                out.append(" ")
-            out.append(word)
-            last = word[-1]
-            space = True
-        pending_space = piece[-1].isspace()
+        words, leading_space, trailing_space = tidied
+        if (pending_space or leading_space) and last and not (_is_cjk(last) and _is_cjk(words[0])):
+            out.append(" ")
+        out.append(words)
+        last = words[-1]
+        pending_space = trailing_space
     return "".join(out)
+
+
+@functools.lru_cache(maxsize=4096)  # the template's own text between quoted values: the same piece each row
+def _tidy_piece(piece: str) -> tuple[str, bool, bool] | None:
+    """Unquoted text with its whitespace tidied on its own: (its words, joined by the rule; whether
+    it starts with whitespace; whether it ends with whitespace), or None when it is all whitespace."""
+    words = piece.split()
+    if not words:
+        return None
+    out = [words[0]]
+    for before, word in zip(words, words[1:]):
+        if not (_is_cjk(before[-1]) and _is_cjk(word[0])):
+            out.append(" ")
+        out.append(word)
+    return "".join(out), piece[0].isspace(), piece[-1].isspace()
 
 
 def _is_cjk(c: str) -> bool:

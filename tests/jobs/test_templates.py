@@ -414,3 +414,49 @@ def test_cli_manifest_sample_and_from_csv(tmp_path):
     result = runner.invoke(cli, ["manifest", "from-csv", str(source), str(tmp_path / "o.parquet")])
     assert result.exit_code == 0, result.output
     assert "wrote 1 row(s)" in result.output
+
+
+def _tidy_word_by_word(text: str) -> str:
+    """The whitespace rule written the obvious way, word by word: `_tidy` (which caches the
+    template's own text between quoted values) must agree, or a prompt changes and so does its job."""
+    from jobs.templates import _QUOTED_SPLIT, _is_cjk
+
+    pieces = _QUOTED_SPLIT.split(text)
+    out, last, pending_space = [], "", False
+    for i, piece in enumerate(pieces):
+        if i % 2:
+            body = piece[1:-1]
+            if pending_space and last and body and not (_is_cjk(last) and _is_cjk(body[0])):
+                out.append(" ")
+            if body:
+                out.append(body)
+                last = body[-1]
+            pending_space = False
+            continue
+        words = piece.split()
+        if not words:
+            pending_space = pending_space or bool(piece)
+            continue
+        space = pending_space or piece[0].isspace()
+        for word in words:
+            if space and last and not (_is_cjk(last) and _is_cjk(word[0])):
+                out.append(" ")
+            out.append(word)
+            last = word[-1]
+            space = True
+        pending_space = piece[-1].isspace()
+    return "".join(out)
+
+
+def test_the_whitespace_tidy_matches_the_word_by_word_rule_on_random_text():
+    import random
+
+    from jobs.templates import _tidy
+
+    rng = random.Random(7)
+    alphabet = ["a", "B", "1", ".", " ", "  ", "\n", "\t", "\u3000", "中", "文", "，", "。", "\u201c", "\u201d",
+                "\uff01", "\u2e80", "\u9fff", "\ua000", "é", "\ue000", "\ue001", "\ue000“x y”\ue001",
+                "\ue000\ue001", "\ue000 \ue001", "\ue000中\ue001"]
+    for _ in range(20_000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14)))
+        assert _tidy(text) == _tidy_word_by_word(text), repr(text)
