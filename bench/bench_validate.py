@@ -1,7 +1,9 @@
-"""Validation figures: time and peak RSS of `validate_manifest` on generated manifests, each in a
-fresh process (peak RSS = its VmHWM), and the duplicate check with many rows sharing one key.
+"""Validation figures: time and memory of `validate_manifest` on generated manifests, each in a
+fresh process, on one process and on every core (jobs.manifest.parallel), and the duplicate check
+with many rows sharing one key. Memory: each process's peak RSS (VmHWM), and the peak of the
+processes' summed PSS (shared library pages counted once), sampled every 10 ms in another run.
 
-    .venv/bin/python bench/bench_validate.py [--rows 100000,1000000,5000000] [--dup 20000,200000]
+    .venv/bin/python bench/bench_validate.py [--rows 100000,1000000,5000000] [--dup 20000,200000] [--runs 3]
 
 The manifest mixes shapes (width/height and aspect ratios), 10 % template rows (distinct params
 per row), 5 % bad rows (spread over several rules) and 20,000 rows sharing one output_key (each
@@ -72,33 +74,77 @@ def generate(path: Path, rows: int, *, shared_key_rows: int = 20_000, bad_fracti
 
 
 RUN = """
-import json, sys, time
+import json, os, resource, sys, threading, time
 from jobs.manifest import ManifestError, ResolveContext, validate_manifest
 from qwen_worker.presets import get_preset
+
+def pss_kb(pid):  # proportional set size: shared library pages counted once over the processes sharing them
+    try:
+        return next(int(line.split()[1]) for line in open(f"/proc/{pid}/smaps_rollup") if line.startswith("Pss:"))
+    except (OSError, StopIteration):
+        return 0
+
+def children(pid):
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found += [int(child) for child in open(f"/proc/{pid}/task/{task}/children").read().split()]
+        except OSError:
+            pass
+    return found
+
+peak_pss, sampling = [0], sys.argv[3] == "pss"
+def sample():
+    while sampling:
+        peak_pss[0] = max(peak_pss[0], pss_kb(os.getpid()) + sum(pss_kb(child) for child in children(os.getpid())))
+        time.sleep(0.01)
+if sampling:
+    threading.Thread(target=sample, daemon=True).start()
+processes = int(sys.argv[2]) if sys.argv[2] != "all" else None
 started = time.perf_counter()
 try:
-    validate_manifest(sys.argv[1], ResolveContext(preset=get_preset("qwen-image-df11")))
+    validate_manifest(sys.argv[1], ResolveContext(preset=get_preset("qwen-image-df11")), processes=processes)
     errors = 0
 except ManifestError as exc:
     errors = exc.total
 seconds = time.perf_counter() - started
+sampling = False
 peak = [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
-print(json.dumps({"seconds": seconds, "errors": errors, "peak_mb": peak / 1024}))
+print(json.dumps({"seconds": seconds, "errors": errors, "peak_mb": peak / 1024,
+                  "helper_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                  "pss_mb": peak_pss[0] / 1024}))
 """
 
 
-def measure(path: Path) -> dict:
-    result = subprocess.run([sys.executable, "-c", RUN, str(path)], capture_output=True, text=True, cwd=ROOT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if result.returncode:
-        raise SystemExit(result.stderr)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def measure(path: Path, processes: str, runs: int = 3) -> dict:
+    """Median time of `runs` fresh processes, their largest peak RSS (the caller's and a helper's),
+    and the peak PSS of all of them together from one more, sampled, run."""
+    def once(mode: str) -> dict:
+        result = subprocess.run([sys.executable, "-c", RUN, str(path), processes, mode], capture_output=True, text=True,
+                                cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if result.returncode:
+            raise SystemExit(result.stderr)
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    timed = [once("time") for _ in range(runs)]
+    figures = sorted(timed, key=lambda f: f["seconds"])[len(timed) // 2]
+    figures["peak_mb"] = max(f["peak_mb"] for f in timed)
+    figures["helper_peak_mb"] = max(f["helper_peak_mb"] for f in timed)
+    figures["pss_mb"] = once("pss")["pss_mb"]
+    return figures
+
+
+def show(figures: dict) -> str:
+    helper = f" + {figures['helper_peak_mb']:.0f} MB each helper" if figures["helper_peak_mb"] else ""
+    return (f"{figures['seconds']:.2f} s, peak RSS {figures['peak_mb']:.0f} MB{helper}, "
+            f"peak PSS of all processes {figures['pss_mb']:.0f} MB, {figures['errors']:,} errors")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="100000,1000000,5000000")
     parser.add_argument("--dup", default="20000,200000")
+    parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="qb-bench-validate-"))
     for rows in [int(r) for r in args.rows.split(",") if r]:
@@ -106,17 +152,16 @@ def main() -> None:
         started = time.perf_counter()
         generate(path, rows)
         made = time.perf_counter() - started
-        figures = measure(path)
-        print(f"validate {rows:>9,} rows (10% templates, 5% bad, 20,000 sharing one key): {figures['seconds']:.2f} s, "
-              f"{rows / figures['seconds']:,.0f} rows/s, peak RSS {figures['peak_mb']:.0f} MB, "
-              f"{figures['errors']:,} errors ({path.stat().st_size / 1e6:.0f} MB file, generated in {made:.0f} s)")
+        print(f"validate {rows:>9,} rows (10% templates, 5% bad, 20,000 sharing one key; {path.stat().st_size / 1e6:.0f} MB "
+              f"file, generated in {made:.0f} s):")
+        for processes, words in (("1", "one process"), ("all", "every core")):
+            figures = measure(path, processes, args.runs)
+            print(f"  {words:<12} {show(figures)} ({rows / figures['seconds']:,.0f} rows/s)")
         path.unlink()
     for shared in [int(r) for r in args.dup.split(",") if r]:
         path = work / f"dup{shared}.parquet"
         generate(path, shared, shared_key_rows=shared, bad_fraction=0.0, template_fraction=0.0)
-        figures = measure(path)
-        print(f"duplicate check, {shared:,} rows sharing one output_key: {figures['seconds']:.2f} s, "
-              f"{figures['errors']:,} errors, peak RSS {figures['peak_mb']:.0f} MB")
+        print(f"duplicate check, {shared:,} rows sharing one output_key: {show(measure(path, 'all', args.runs))}")
         path.unlink()
 
 

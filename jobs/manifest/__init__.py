@@ -3,8 +3,9 @@ and resolve its rows (prompt, size, seed, keys) for planning and results.
 
 Validation reports ALL errors (row index, id, field, rule, value; the first MAX_ERRORS_KEPT shown,
 all counted) before any model loads, in memory bounded by one batch plus a few 8-byte hashes per
-row. Modules: `read` (files, columns, text types), `rules` (the rules and the resolution),
-`keys` (image keys and collisions), `seeds`.
+row, on every core for a big manifest. Modules: `read` (files, columns, text types), `rules` (the
+rules and the resolution), `keys` (image keys and collisions), `parallel` (batches checked by
+several processes), `seeds`.
 """
 
 from __future__ import annotations
@@ -145,14 +146,29 @@ class ManifestSummary:
                     counter[item["values"]] += item["counts"]
         self.templates_used.update(resolved.templates_used)
 
+    def merge(self, other: "ManifestSummary") -> None:
+        """Add the summary of the rows after these (counters keep their order of first appearance)."""
+        self.rows += other.rows
+        self.images += other.images
+        for mine, theirs in ((self.shapes, other.shapes), (self.languages, other.languages),
+                             (self.templates, other.templates), (self.formats, other.formats)):
+            mine.update(theirs)
+        self.templates_used.update(other.templates_used)
+
 
 def known_columns(schema, extra: tuple[str, ...] = ()) -> list[str]:
     """The manifest columns qwen-batch reads (pass-through columns are never read)."""
     return [name for name in dict.fromkeys(schema.names) if name in COLUMN_TYPES or name in extra]
 
 
-def validate_manifest(source: str, context: ResolveContext, *, version: str | None = None) -> ManifestSummary:
-    """Check every row; raise ManifestError listing every error, else return a summary."""
+def validate_manifest(source: str, context: ResolveContext, *, version: str | None = None,
+                      processes: int | None = None, batch_rows: int | None = None) -> ManifestSummary:
+    """Check every row; raise ManifestError listing every error, else return a summary.
+
+    `batch_rows` rows are checked at a time; a big manifest on every core, or on `processes`
+    processes (see jobs.manifest.parallel). The result does not depend on either."""
+    from jobs.manifest.parallel import CHECK_BATCH_ROWS, check_manifest
+
     use_system_allocator()
     if context.base is None:
         from qwen_worker.lora.spec import base_of
@@ -169,12 +185,12 @@ def validate_manifest(source: str, context: ResolveContext, *, version: str | No
     kept: list[tuple[int, str]] = []
     total = 0
     index = KeyIndex()
-    for start, batch in iter_batches(parquet_file, source, columns=known_columns(schema)):
-        resolved = resolve_batch(batch, start, context)
-        total += resolved.errors.count
-        kept.extend(resolved.errors.first(MAX_ERRORS_KEPT - len(kept)))
-        summary.add(resolved)
-        index.add(resolved)
+    for outcome in check_manifest(parquet_file, source, context, version=version, processes=processes,
+                                  batch_rows=batch_rows or CHECK_BATCH_ROWS, max_errors=MAX_ERRORS_KEPT):
+        total += outcome.errors
+        kept.extend(outcome.first[:MAX_ERRORS_KEPT - len(kept)])
+        summary.merge(outcome.summary)
+        index.add(outcome.keys)
     groups, rows = index.candidates()
     if rows:
         collisions = collision_errors(groups, _ids_and_keys(parquet_file, source, rows))

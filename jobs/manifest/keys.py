@@ -149,9 +149,27 @@ def row_keys(row_id: str, output_key: str | None, fmt: str | None, num_images: i
 # uniqueness
 
 
+def key_hashes(resolved) -> tuple[np.ndarray, ...]:
+    """What the uniqueness checks keep of one resolved batch, as arrays in KeyIndex's field order:
+    hashes of its ids, image keys, their lower-case forms and their folders, with their rows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rows = np.arange(resolved.start, resolved.start + resolved.size, dtype=np.int64)
+    has_id = np.asarray(resolved.ids.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    id_hash = string_hashes(resolved.ids.filter(pa.array(has_id)))
+    keys = resolved.keys.filter(pa.array(resolved.valid))
+    key_rows = np.repeat(rows[resolved.valid], np.asarray(pc.list_value_length(keys).to_numpy(zero_copy_only=False),
+                                                         dtype=np.int64))
+    flat = keys.flatten()
+    lower_hashes, folders, owner = hashes_and_folders(pc.utf8_lower(flat))
+    return (id_hash, rows[has_id].astype(np.int32), string_hashes(flat), lower_hashes, key_rows.astype(np.int32),
+            folders, key_rows[owner].astype(np.int32))
+
+
 @dataclass
 class KeyIndex:
-    """Hashes of every id and key seen, by row, for the checks at the end."""
+    """Hashes of every id and key seen, by row, for the checks at the end (batches added in row order)."""
 
     id_hash: list = field(default_factory=list)
     id_row: list = field(default_factory=list)
@@ -161,25 +179,11 @@ class KeyIndex:
     folder_hash: list = field(default_factory=list)
     folder_row: list = field(default_factory=list)
 
-    def add(self, resolved) -> None:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        rows = np.arange(resolved.start, resolved.start + resolved.size, dtype=np.int64)
-        has_id = np.asarray(resolved.ids.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-        self.id_hash.append(string_hashes(resolved.ids.filter(pa.array(has_id))))
-        self.id_row.append(rows[has_id].astype(np.int32))
-        keys = resolved.keys.filter(pa.array(resolved.valid))
-        key_rows = np.repeat(rows[resolved.valid], np.asarray(pc.list_value_length(keys).to_numpy(zero_copy_only=False),
-                                                             dtype=np.int64))
-        flat = keys.flatten()
-        lower = pc.utf8_lower(flat)
-        self.key_hash.append(string_hashes(flat))
-        lower_hashes, folders, owner = hashes_and_folders(lower)
-        self.lower_hash.append(lower_hashes)
-        self.key_row.append(key_rows.astype(np.int32))
-        self.folder_hash.append(folders)
-        self.folder_row.append(key_rows[owner].astype(np.int32))
+    def add(self, hashes: tuple[np.ndarray, ...]) -> None:
+        """Keep one batch's `key_hashes`."""
+        for name, array in zip(("id_hash", "id_row", "key_hash", "lower_hash", "key_row", "folder_hash", "folder_row"),
+                               hashes):
+            getattr(self, name).append(array)
 
     def candidates(self) -> tuple[dict, set[int]]:
         """Groups of rows whose hashes repeat, by check, and every row they name."""

@@ -216,22 +216,29 @@ def iter_batches(parquet_file, source: str, *, columns: list[str] | None = None,
                  batch_size: int = READ_BATCH_ROWS) -> Iterator[tuple[int, object]]:
     """(index of the batch's first row, RecordBatch) for the whole file, row group by row group;
     a data page that cannot be decoded is a ManifestFileError naming the row group and rows."""
-    metadata = parquet_file.metadata
     first = 0
-    for group in range(metadata.num_row_groups):
-        rows, group_start = metadata.row_group(group).num_rows, first
-        try:
-            for batch in parquet_file.iter_batches(batch_size=batch_size, row_groups=[group], columns=columns,
-                                                   use_threads=False):
-                yield first, batch
-                first += batch.num_rows
-        except UserError:
-            raise
-        except Exception as exc:  # OSError, ArrowInvalid, ... from a corrupt page or a short read
-            raise ManifestFileError(
-                f"manifest {source} is corrupt: row group {group} (rows {group_start}-{group_start + rows - 1}) cannot be read: "
-                f"{_one_line(exc)}"
-            ) from None
+    for group in range(parquet_file.metadata.num_row_groups):
+        for batch in iter_group(parquet_file, source, group, columns=columns, batch_size=batch_size):
+            yield first, batch
+            first += batch.num_rows
+
+
+def iter_group(parquet_file, source: str, group: int, *, columns: list[str] | None = None,
+               batch_size: int = READ_BATCH_ROWS) -> Iterator[object]:
+    """The record batches of one row group (ManifestFileError, one line, for a corrupt page)."""
+    try:
+        yield from parquet_file.iter_batches(batch_size=batch_size, row_groups=[group], columns=columns,
+                                             use_threads=False)
+    except UserError:
+        raise
+    except Exception as exc:  # OSError, ArrowInvalid, ... from a corrupt page or a short read
+        metadata = parquet_file.metadata
+        group_start = sum(metadata.row_group(g).num_rows for g in range(group))
+        rows = metadata.row_group(group).num_rows
+        raise ManifestFileError(
+            f"manifest {source} is corrupt: row group {group} (rows {group_start}-{group_start + rows - 1}) cannot be read: "
+            f"{_one_line(exc)}"
+        ) from None
 
 
 def as_text_lists(array) -> tuple[list, dict[int, str]]:

@@ -135,9 +135,13 @@ def test_a_binary_column_that_is_not_utf8_is_a_clear_row_error(tmp_path):
 
 
 def corrupt_data_page(path: Path) -> None:
-    """Overwrite the middle of the first column chunk's data (not the footer)."""
+    """Overwrite the middle of the first row group's second column chunk (not the footer)."""
+    corrupt_data_page_of_group(path, 0)
+
+
+def corrupt_data_page_of_group(path: Path, group: int) -> None:
     metadata = pq.ParquetFile(path).metadata
-    column = metadata.row_group(0).column(1)
+    column = metadata.row_group(group).column(1)
     start = column.data_page_offset
     data = bytearray(path.read_bytes())
     for position in range(start + 20, start + column.total_compressed_size - 4):

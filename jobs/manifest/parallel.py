@@ -1,0 +1,232 @@
+"""Checking a big manifest's batches on every core.
+
+Validation is columnar, except for template rows (a Jinja2 render each, in Python), and a manifest
+of a million rows keeps one core busy for seconds: helper processes check batches beside the
+caller. Work goes out one batch (`batch_rows` rows of one row group) at a time: a process claims
+the next batch by creating its claim file (O_EXCL, so exactly one process gets each), and reads
+only the row groups of the batches it claims. A slower process (one that started later, or whose
+batches hold more template rows) simply claims fewer.
+
+Each process returns what validation keeps of a batch (`BatchOutcome`: its error count, its first
+errors, its summary, its key hashes); the caller merges them in row order, so the result is the
+one a single process gives. Helpers are `python -c` processes, not multiprocessing's (which would
+import the caller's __main__ again); one that cannot start or dies leaves its batches to the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from jobs.manifest.read import iter_group, open_parquet, use_system_allocator
+from qwen_worker.errors import QwenBatchError, UserError
+
+CHECK_BATCH_ROWS = 32768  # rows checked at a time: 1M rows peak at 205 MB on one process (219 MB with 65536)
+PARALLEL_MIN_ROWS = 200_000  # below this, starting a helper (~0.3 s) costs more than it saves
+MAX_PROCESSES = 4
+
+
+@dataclass
+class BatchOutcome:
+    number: int  # the batch's place in the file
+    errors: int  # all its errors, counted
+    first: list  # [(row, message)]: its first errors (a process keeps at most `max_errors` in all)
+    summary: Any  # ManifestSummary of the batch
+    keys: tuple  # jobs.manifest.keys.key_hashes of the batch
+    checked_by: int  # the process (pid) that checked it
+
+
+def plan_batches(metadata, batch_rows: int) -> list[tuple[int, int, int]]:
+    """(row group, batch number within it, first row) of every batch of the file."""
+    batches, first = [], 0
+    for group in range(metadata.num_row_groups):
+        rows = metadata.row_group(group).num_rows
+        for number in range(-(-rows // batch_rows)):
+            batches.append((group, number, first + number * batch_rows))
+        first += rows
+    return batches
+
+
+def process_count(rows: int, batches: int, processes: int | None) -> int:
+    """How many processes check a manifest of `rows` rows: every core (at most MAX_PROCESSES) for a
+    big one, one for a small one, `processes` when the caller says."""
+    if processes is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        processes = min(cores, MAX_PROCESSES) if rows >= PARALLEL_MIN_ROWS else 1
+    return max(1, min(processes, batches))
+
+
+class _BatchReader:
+    """Reads the batches a process claims: in order, opening a row group only when it gets one of
+    its batches (batches it skips inside a row group are decoded, not checked)."""
+
+    def __init__(self, parquet_file, source: str, columns: list[str], batch_rows: int):
+        self.parquet_file, self.source, self.columns, self.batch_rows = parquet_file, source, columns, batch_rows
+        self.group, self.batches, self.next_number = -1, iter(()), 0
+
+    def read(self, group: int, number: int):
+        if group != self.group or number < self.next_number:
+            self.group, self.next_number = group, 0
+            self.batches = iter_group(self.parquet_file, self.source, group, columns=self.columns,
+                                      batch_size=self.batch_rows)
+        for batch in self.batches:
+            self.next_number += 1
+            if self.next_number - 1 == number:
+                expected = min(self.batch_rows, self.parquet_file.metadata.row_group(group).num_rows - number * self.batch_rows)
+                if batch.num_rows != expected:
+                    raise RuntimeError(f"row group {group} batch {number}: {batch.num_rows} rows read, {expected} planned")
+                return batch
+        raise RuntimeError(f"row group {group} has no batch {number}")
+
+
+def check_batches(parquet_file, source: str, context, batches: list, claim: Callable[[], int | None], *,
+                  batch_rows: int, max_errors: int) -> list[BatchOutcome]:
+    """Check the batches `claim` hands out (their numbers, ascending; None when none are left)."""
+    from jobs.manifest import ManifestSummary, known_columns
+    from jobs.manifest.keys import key_hashes
+    from jobs.manifest.rules import resolve_batch
+
+    reader = _BatchReader(parquet_file, source, known_columns(parquet_file.schema_arrow), batch_rows)
+    outcomes: list[BatchOutcome] = []
+    kept = 0
+    while (number := claim()) is not None:
+        group, within, start = batches[number]
+        resolved = resolve_batch(reader.read(group, within), start, context)
+        first = resolved.errors.first(max_errors - kept)  # later batches of this process come after these
+        kept += len(first)
+        summary = ManifestSummary()
+        summary.add(resolved)
+        outcomes.append(BatchOutcome(number, resolved.errors.count, first, summary, key_hashes(resolved), os.getpid()))
+        del resolved  # before the next batch is read, not after
+    return outcomes
+
+
+def check_manifest(parquet_file, source: str, context, *, version: str | None, processes: int | None,
+                   batch_rows: int = CHECK_BATCH_ROWS, max_errors: int) -> list[BatchOutcome]:
+    """Every batch of the manifest checked, on one process or several; outcomes in row order."""
+    batches = plan_batches(parquet_file.metadata, batch_rows)
+    count = process_count(parquet_file.metadata.num_rows, len(batches), processes)
+    options = {"batch_rows": batch_rows, "max_errors": max_errors}
+    if count == 1:
+        return check_batches(parquet_file, source, context, batches, _handing_out(range(len(batches))), **options)
+    claims = Path(tempfile.mkdtemp(prefix="qwen-batch-validate-"))
+    helpers: list[_Helper] = []
+    try:
+        job = {"source": source, "version": version, "context": _portable_context(context), "claims": str(claims),
+               "batches": batches, **options}
+        helpers = [_Helper.start(job) for _ in range(count - 1)]
+        outcomes = check_batches(parquet_file, source, context, batches, _claimer(claims, len(batches)), **options)
+        for helper in helpers:
+            outcomes.extend(helper.outcomes())
+    finally:
+        for helper in helpers:
+            helper.stop()
+        shutil.rmtree(claims, ignore_errors=True)
+    done = {outcome.number for outcome in outcomes}
+    missing = [number for number in range(len(batches)) if number not in done]  # a helper's that died
+    if missing:
+        outcomes.extend(check_batches(parquet_file, source, context, batches, _handing_out(missing), **options))
+    return sorted(outcomes, key=lambda outcome: outcome.number)
+
+
+def _handing_out(numbers) -> Callable[[], int | None]:
+    """Claims for a process alone: these batch numbers, in order."""
+    numbers = iter(numbers)
+    return lambda: next(numbers, None)
+
+
+def _claimer(claims: Path, total: int) -> Callable[[], int | None]:
+    """Claim the next batch no process has claimed: the first to create its file gets it."""
+    state = {"next": 0}
+
+    def claim() -> int | None:
+        while state["next"] < total:
+            number = state["next"]
+            state["next"] += 1
+            try:
+                os.close(os.open(claims / str(number), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                return number
+            except FileExistsError:
+                continue
+        return None
+
+    return claim
+
+
+def _portable_context(context):
+    """The ResolveContext without what it has loaded (templates, file lookups), for a helper."""
+    return replace(context, _library=None, _inputs=None, _loras=None, render_cache={})
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+@dataclass
+class _Helper:
+    process: subprocess.Popen
+    stderr: Any
+
+    @classmethod
+    def start(cls, job: dict) -> "_Helper":
+        package_root = str(Path(__file__).resolve().parents[2])
+        code = f"import sys; sys.path.insert(0, {package_root!r}); from jobs.manifest.parallel import main; main()"
+        stderr = tempfile.TemporaryFile()
+        process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=stderr)
+        process.stdin.write(pickle.dumps(job))
+        process.stdin.close()
+        return cls(process, stderr)
+
+    def outcomes(self) -> list[BatchOutcome]:
+        """What the helper checked; its error raised again here; [] if it died (its batches are redone)."""
+        data = self.process.stdout.read()
+        self.process.wait()
+        try:
+            kind, value = pickle.loads(data)
+        except Exception:  # it died before answering: nothing it claimed counts
+            return []
+        if kind == "error":
+            raise value
+        return value
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
+        self.stderr.close()
+
+
+def main() -> None:
+    """A helper: check the batches it claims of the job read from stdin; pickle what it found (or
+    the user error it met) to stdout."""
+    job = pickle.loads(sys.stdin.buffer.read())
+    try:
+        use_system_allocator()
+        parquet_file = open_parquet(job["source"], version=job["version"])
+        answer = ("ok", check_batches(parquet_file, job["source"], job["context"], job["batches"],
+                                      _claimer(Path(job["claims"]), len(job["batches"])),
+                                      batch_rows=job["batch_rows"], max_errors=job["max_errors"]))
+    except QwenBatchError as exc:
+        answer = ("error", _portable_error(exc))
+    sys.stdout.buffer.write(pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
+    sys.stdout.buffer.flush()
+
+
+def _portable_error(exc: QwenBatchError) -> QwenBatchError:
+    """The error itself when it survives pickling with its message, else a UserError saying it."""
+    try:
+        if str(pickle.loads(pickle.dumps(exc))) == str(exc):
+            return exc
+    except Exception:
+        pass
+    return UserError(str(exc))
+
