@@ -114,14 +114,17 @@ def check_manifest(parquet_file, source: str, context, *, version: str | None, p
     batches = plan_batches(parquet_file.metadata, batch_rows)
     count = process_count(parquet_file.metadata.num_rows, len(batches), processes)
     options = {"batch_rows": batch_rows, "max_errors": max_errors}
-    if count == 1:
+    try:
+        claims = Path(tempfile.mkdtemp(prefix="qwen-batch-validate-")) if count > 1 else None
+    except OSError:  # no temp dir to share claims in: one process
+        claims = None
+    if claims is None:
         return check_batches(parquet_file, source, context, batches, _handing_out(range(len(batches))), **options)
-    claims = Path(tempfile.mkdtemp(prefix="qwen-batch-validate-"))
     helpers: list[_Helper] = []
     try:
         job = {"source": source, "version": version, "context": _portable_context(context), "claims": str(claims),
                "batches": batches, **options}
-        helpers = [_Helper.start(job) for _ in range(count - 1)]
+        helpers = [helper for helper in (_Helper.start(job) for _ in range(count - 1)) if helper is not None]
         outcomes = check_batches(parquet_file, source, context, batches, _claimer(claims, len(batches)), **options)
         for helper in helpers:
             outcomes.extend(helper.outcomes())
@@ -175,15 +178,25 @@ class _Helper:
     stderr: Any
 
     @classmethod
-    def start(cls, job: dict) -> "_Helper":
+    def start(cls, job: dict) -> "_Helper | None":
+        """A helper at work on `job`, or None when none can start here (the caller does its share)."""
         package_root = str(Path(__file__).resolve().parents[2])
         code = f"import sys; sys.path.insert(0, {package_root!r}); from jobs.manifest.parallel import main; main()"
         stderr = tempfile.TemporaryFile()
-        process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=stderr)
-        process.stdin.write(pickle.dumps(job))
-        process.stdin.close()
-        return cls(process, stderr)
+        try:
+            process = subprocess.Popen([sys.executable or "python3", "-c", code], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=stderr)
+        except OSError:  # no interpreter to start (an embedded Python), no processes left
+            stderr.close()
+            return None
+        helper = cls(process, stderr)
+        try:
+            process.stdin.write(pickle.dumps(job))
+            process.stdin.close()
+        except OSError:  # it died at once
+            helper.stop()
+            return None
+        return helper
 
     def outcomes(self) -> list[BatchOutcome]:
         """What the helper checked; its error raised again here; [] if it died (its batches are redone)."""
@@ -201,8 +214,11 @@ class _Helper:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        self.process.stdout.close()
-        self.stderr.close()
+        for stream in (self.process.stdin, self.process.stdout, self.stderr):
+            try:
+                stream.close()
+            except OSError:  # a pipe to a process that died with data unread
+                pass
 
 
 def main() -> None:

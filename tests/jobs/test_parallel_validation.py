@@ -160,3 +160,11 @@ def test_a_corrupt_row_group_is_one_line_whichever_process_reads_it(tmp_path):
     assert str(caught.value).startswith(f"manifest {path} is corrupt: row group 3 (rows 2100-2799) cannot be read: ")
     assert "\n" not in str(caught.value)
     assert set(Path(tempfile.gettempdir()).glob("qwen-batch-validate-*")) == before  # claims cleaned up
+
+
+@pytest.mark.parametrize("interpreter", ["missing", "exits at once"])
+def test_a_helper_that_cannot_start_leaves_all_the_work_to_the_caller(tmp_path, monkeypatch, interpreter):
+    path = messy_manifest(tmp_path / "m.parquet")
+    alone = outcome(path, processes=1)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python") if interpreter == "missing" else "/bin/false")
+    assert outcome(path, processes=2) == alone
