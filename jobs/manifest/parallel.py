@@ -7,10 +7,11 @@ the next batch by creating its claim file (O_EXCL, so exactly one process gets e
 only the row groups of the batches it claims. A slower process (one that started later, or whose
 batches hold more template rows) simply claims fewer.
 
-Each process returns what validation keeps of a batch (`BatchOutcome`: its error count, its first
-errors, its summary, its key hashes); the caller merges them in row order, so the result is the
-one a single process gives. Helpers are `python -c` processes, not multiprocessing's (which would
-import the caller's __main__ again); one that cannot start or dies leaves its batches to the caller.
+What validation keeps of a batch (`BatchOutcome`: its error count, its first errors, its summary,
+its key hashes) goes from a helper to a file beside the claims as soon as the batch is checked; the
+caller merges all outcomes in row order, so the result is the one a single process gives. Helpers
+are `python -c` processes, not multiprocessing's (which would import the caller's __main__ again);
+the caller checks what a helper that cannot start, or dies, did not deliver.
 """
 
 from __future__ import annotations
@@ -87,8 +88,10 @@ class _BatchReader:
 
 
 def check_batches(parquet_file, source: str, context, batches: list, claim: Callable[[], int | None], *,
-                  batch_rows: int, max_errors: int) -> list[BatchOutcome]:
-    """Check the batches `claim` hands out (their numbers, ascending; None when none are left)."""
+                  batch_rows: int, max_errors: int,
+                  deliver: Callable[[BatchOutcome], None] | None = None) -> list[BatchOutcome]:
+    """Check the batches `claim` hands out (their numbers, ascending; None when none are left); their
+    outcomes returned, or each given to `deliver` as soon as it is known."""
     from jobs.manifest import ManifestSummary, known_columns
     from jobs.manifest.keys import key_hashes
     from jobs.manifest.rules import resolve_batch
@@ -103,8 +106,12 @@ def check_batches(parquet_file, source: str, context, batches: list, claim: Call
         kept += len(first)
         summary = ManifestSummary()
         summary.add(resolved)
-        outcomes.append(BatchOutcome(number, resolved.errors.count, first, summary, key_hashes(resolved), os.getpid()))
+        outcome = BatchOutcome(number, resolved.errors.count, first, summary, key_hashes(resolved), os.getpid())
         del resolved  # before the next batch is read, not after
+        if deliver is None:
+            outcomes.append(outcome)
+        else:
+            deliver(outcome)
     return outcomes
 
 
@@ -127,13 +134,15 @@ def check_manifest(parquet_file, source: str, context, *, version: str | None, p
         helpers = [helper for helper in (_Helper.start(job) for _ in range(count - 1)) if helper is not None]
         outcomes = check_batches(parquet_file, source, context, batches, _claimer(claims, len(batches)), **options)
         for helper in helpers:
-            outcomes.extend(helper.outcomes())
+            helper.finish()
+        mine = {outcome.number for outcome in outcomes}
+        outcomes.extend(_delivered(claims, [number for number in range(len(batches)) if number not in mine]))
     finally:
         for helper in helpers:
             helper.stop()
         shutil.rmtree(claims, ignore_errors=True)
     done = {outcome.number for outcome in outcomes}
-    missing = [number for number in range(len(batches)) if number not in done]  # a helper's that died
+    missing = [number for number in range(len(batches)) if number not in done]  # claimed by a helper that died
     if missing:
         outcomes.extend(check_batches(parquet_file, source, context, batches, _handing_out(missing), **options))
     return sorted(outcomes, key=lambda outcome: outcome.number)
@@ -161,6 +170,28 @@ def _claimer(claims: Path, total: int) -> Callable[[], int | None]:
         return None
 
     return claim
+
+
+def _deliver_to(claims: Path) -> Callable[[BatchOutcome], None]:
+    """A helper's outcomes go to files beside the claims, each as soon as it is known (written whole,
+    then renamed), so the caller has them when the helper stops, even if it stops by dying."""
+    def deliver(outcome: BatchOutcome) -> None:
+        part = claims / f"{outcome.number}.part"
+        part.write_bytes(pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL))
+        os.replace(part, claims / f"{outcome.number}.outcome")
+
+    return deliver
+
+
+def _delivered(claims: Path, numbers: list[int]) -> list[BatchOutcome]:
+    """The helpers' outcomes of these batches (those they delivered)."""
+    found = []
+    for number in numbers:
+        try:
+            found.append(pickle.loads((claims / f"{number}.outcome").read_bytes()))
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def _portable_context(context):
@@ -198,17 +229,17 @@ class _Helper:
             return None
         return helper
 
-    def outcomes(self) -> list[BatchOutcome]:
-        """What the helper checked; its error raised again here; [] if it died (its batches are redone)."""
+    def finish(self) -> None:
+        """Wait for the helper to stop; the user error it met is raised again here (one that died
+        has delivered what it finished; the caller checks the rest)."""
         data = self.process.stdout.read()
         self.process.wait()
         try:
             kind, value = pickle.loads(data)
-        except Exception:  # it died before answering: nothing it claimed counts
-            return []
+        except Exception:  # it died before answering
+            return
         if kind == "error":
             raise value
-        return value
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -222,15 +253,16 @@ class _Helper:
 
 
 def main() -> None:
-    """A helper: check the batches it claims of the job read from stdin; pickle what it found (or
-    the user error it met) to stdout."""
+    """A helper: check the batches it claims of the job read from stdin, delivering each outcome to
+    the claims folder; then pickle ("ok", None), or the user error it met, to stdout."""
     job = pickle.loads(sys.stdin.buffer.read())
     try:
         use_system_allocator()
         parquet_file = open_parquet(job["source"], version=job["version"])
-        answer = ("ok", check_batches(parquet_file, job["source"], job["context"], job["batches"],
-                                      _claimer(Path(job["claims"]), len(job["batches"])),
-                                      batch_rows=job["batch_rows"], max_errors=job["max_errors"]))
+        claims = Path(job["claims"])
+        check_batches(parquet_file, job["source"], job["context"], job["batches"], _claimer(claims, len(job["batches"])),
+                      batch_rows=job["batch_rows"], max_errors=job["max_errors"], deliver=_deliver_to(claims))
+        answer = ("ok", None)
     except QwenBatchError as exc:
         answer = ("error", _portable_error(exc))
     sys.stdout.buffer.write(pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))

@@ -189,7 +189,9 @@ def _mask(array) -> np.ndarray:
     """An Arrow boolean array (nulls = False) as numpy."""
     import pyarrow.compute as pc
 
-    return np.asarray(pc.fill_null(array, False).to_numpy(zero_copy_only=False), dtype=bool)
+    if array.null_count:
+        array = pc.fill_null(array, False)
+    return np.asarray(array.to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def _valid(array) -> np.ndarray:
@@ -391,6 +393,8 @@ def _key_rules(errors: BatchErrors, output_key, has_key: np.ndarray) -> None:
     """`output_key` must be a safe relative key: whole-column checks, the reason per rule."""
     import pyarrow.compute as pc
 
+    if not has_key.any():  # no output_key in this batch
+        return
     checks = [
         ("empty", pc.equal(pc.utf8_length(output_key), 0)),
         ("control character", pc.match_substring_regex(output_key, r"[\x{0}-\x{1F}\x{7F}-\x{9F}]")),
