@@ -158,7 +158,7 @@ def _tidy(text: str) -> str:
                 last = body[-1]
             pending_space = False
             continue
-        tidied = _tidy_piece(piece)
+        tidied = _tidy_piece(piece) if len(piece) <= 1024 else _tidy_piece.__wrapped__(piece)
         if tidied is None:
             pending_space = pending_space or bool(piece)
             continue
@@ -171,7 +171,7 @@ def _tidy(text: str) -> str:
     return "".join(out)
 
 
-@functools.lru_cache(maxsize=4096)  # the template's own text between quoted values: the same piece each row
+@functools.lru_cache(maxsize=4096)  # most pieces are the template's own text between quoted values, the same each row
 def _tidy_piece(piece: str) -> tuple[str, bool, bool] | None:
     """Unquoted text with its whitespace tidied on its own: (its words, joined by the rule; whether
     it starts with whitespace; whether it ends with whitespace), or None when it is all whitespace."""

@@ -27,14 +27,18 @@ _tables: list = []  # [powers, inverse powers] of the multiplier, shared by ever
 
 
 def _power_tables(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """M**i and M**-i (mod 2**64; M is odd, so it has an inverse) for i < size, at least."""
-    if not _tables or len(_tables[0]) < size:
-        size = max(size, _CHUNK_BYTES + 4097)
-        with np.errstate(over="ignore"):
-            inverse = np.uint64(pow(int(_MULTIPLIER), -1, 2**64))
-            _tables[:] = [np.cumprod(np.concatenate([[np.uint64(1)], np.full(size - 1, m, dtype=np.uint64)]),
-                                     dtype=np.uint64) for m in (_MULTIPLIER, inverse)]
-    return _tables[0], _tables[1]
+    """M**i and M**-i (mod 2**64; M is odd, so it has an inverse) for i < size, at least. Tables for
+    a chunk and a string of 4 KiB are kept (8 MB); larger ones, for one longer string, are not."""
+    kept = _CHUNK_BYTES + 4097
+    if _tables and len(_tables[0]) >= size:
+        return _tables[0], _tables[1]
+    with np.errstate(over="ignore"):
+        inverse = np.uint64(pow(int(_MULTIPLIER), -1, 2**64))
+        tables = [np.cumprod(np.concatenate([[np.uint64(1)], np.full(max(size, kept) - 1, m, dtype=np.uint64)]),
+                             dtype=np.uint64) for m in (_MULTIPLIER, inverse)]
+    if size <= kept:
+        _tables[:] = tables
+    return tables[0], tables[1]
 
 
 def _buffers(array):
@@ -156,7 +160,9 @@ def key_hashes(resolved) -> tuple[np.ndarray, ...]:
     import pyarrow.compute as pc
 
     rows = np.arange(resolved.start, resolved.start + resolved.size, dtype=np.int64)
-    has_id = np.asarray(resolved.ids.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    # ids that can be valid (at most 128 characters, ASCII): a longer one is already an error
+    has_id = np.asarray(pc.fill_null(pc.less_equal(pc.binary_length(resolved.ids), 128), False).to_numpy(
+        zero_copy_only=False), dtype=bool)
     id_hash = string_hashes(resolved.ids.filter(pa.array(has_id)))
     keys = resolved.keys.filter(pa.array(resolved.valid))
     key_rows = np.repeat(rows[resolved.valid], np.asarray(pc.list_value_length(keys).to_numpy(zero_copy_only=False),

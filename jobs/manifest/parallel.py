@@ -16,6 +16,7 @@ the caller checks what a helper that cannot start, or dies, did not deliver.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import shutil
@@ -27,11 +28,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from jobs.manifest.read import iter_group, open_parquet, use_system_allocator
-from qwen_worker.errors import QwenBatchError, UserError
+from qwen_worker.errors import QwenBatchError, SystemError_, UserError
 
 CHECK_BATCH_ROWS = 32768  # rows checked at a time: 1M rows peak at 205 MB on one process (219 MB with 65536)
 PARALLEL_MIN_ROWS = 200_000  # below this, starting a helper (~0.3 s) costs more than it saves
 MAX_PROCESSES = 4
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,16 +77,31 @@ class _BatchReader:
     def read(self, group: int, number: int):
         if group != self.group or number < self.next_number:
             self.group, self.next_number = group, 0
-            self.batches = iter_group(self.parquet_file, self.source, group, columns=self.columns,
-                                      batch_size=self.batch_rows)
+            self.batches = _exact(iter_group(self.parquet_file, self.source, group, columns=self.columns,
+                                             batch_size=self.batch_rows), self.batch_rows)
         for batch in self.batches:
             self.next_number += 1
             if self.next_number - 1 == number:
-                expected = min(self.batch_rows, self.parquet_file.metadata.row_group(group).num_rows - number * self.batch_rows)
-                if batch.num_rows != expected:
-                    raise RuntimeError(f"row group {group} batch {number}: {batch.num_rows} rows read, {expected} planned")
                 return batch
-        raise RuntimeError(f"row group {group} has no batch {number}")
+        raise RuntimeError(f"row group {group} has no batch {number}")  # the plan and the file disagree: a bug
+
+
+def _exact(batches, size: int):
+    """The batches cut and joined to `size` rows each (the last may be shorter): the plan counts on
+    it, whatever sizes the reader returns (it may return less, e.g. past 2 GB of text)."""
+    import pyarrow as pa
+
+    pending, rows = [], 0
+    for batch in batches:
+        pending.append(batch)
+        rows += batch.num_rows
+        while rows >= size:
+            joined = pending[0] if len(pending) == 1 else pa.concat_batches(pending)
+            yield joined.slice(0, size)
+            rest = joined.slice(size)
+            pending, rows = ([rest] if rest.num_rows else []), rest.num_rows
+    if rows:
+        yield pending[0] if len(pending) == 1 else pa.concat_batches(pending)
 
 
 def check_batches(parquet_file, source: str, context, batches: list, claim: Callable[[], int | None], *,
@@ -129,9 +146,15 @@ def check_manifest(parquet_file, source: str, context, *, version: str | None, p
         return check_batches(parquet_file, source, context, batches, _handing_out(range(len(batches))), **options)
     helpers: list[_Helper] = []
     try:
-        job = {"source": source, "version": version, "context": _portable_context(context), "claims": str(claims),
-               "batches": batches, **options}
-        helpers = [helper for helper in (_Helper.start(job) for _ in range(count - 1)) if helper is not None]
+        try:
+            job = pickle.dumps({"source": source, "version": version, "context": _portable_context(context),
+                                "claims": str(claims), "batches": batches, "caller": os.getpid(), **options})
+        except Exception:  # a context that does not pickle (a library caller's own): the caller does it all
+            job = None
+        for _ in range(count - 1 if job is not None else 0):
+            helper = _Helper.start(job)
+            if helper is not None:
+                helpers.append(helper)
         outcomes = check_batches(parquet_file, source, context, batches, _claimer(claims, len(batches)), **options)
         for helper in helpers:
             helper.finish()
@@ -187,10 +210,12 @@ def _delivered(claims: Path, numbers: list[int]) -> list[BatchOutcome]:
     """The helpers' outcomes of these batches (those they delivered)."""
     found = []
     for number in numbers:
+        path = claims / f"{number}.outcome"
         try:
-            found.append(pickle.loads((claims / f"{number}.outcome").read_bytes()))
+            found.append(pickle.loads(path.read_bytes()))
         except FileNotFoundError:
             continue
+        path.unlink()  # a temp dir in memory (tmpfs) would hold it twice otherwise
     return found
 
 
@@ -209,10 +234,11 @@ class _Helper:
     stderr: Any
 
     @classmethod
-    def start(cls, job: dict) -> "_Helper | None":
-        """A helper at work on `job`, or None when none can start here (the caller does its share)."""
+    def start(cls, job: bytes) -> "_Helper | None":
+        """A helper at work on `job` (pickled), or None when none can start here (the caller does its share)."""
         package_root = str(Path(__file__).resolve().parents[2])
-        code = f"import sys; sys.path.insert(0, {package_root!r}); from jobs.manifest.parallel import main; main()"
+        # the package's root replaces '' (the working directory) on sys.path, as for the caller's console script
+        code = f"import sys; sys.path[0] = {package_root!r}; from jobs.manifest.parallel import main; main()"
         stderr = tempfile.TemporaryFile()
         try:
             process = subprocess.Popen([sys.executable or "python3", "-c", code], stdin=subprocess.PIPE,
@@ -222,7 +248,7 @@ class _Helper:
             return None
         helper = cls(process, stderr)
         try:
-            process.stdin.write(pickle.dumps(job))
+            process.stdin.write(job)
             process.stdin.close()
         except OSError:  # it died at once
             helper.stop()
@@ -237,6 +263,10 @@ class _Helper:
         try:
             kind, value = pickle.loads(data)
         except Exception:  # it died before answering
+            self.stderr.seek(0)
+            said = [line for line in self.stderr.read().decode(errors="replace").splitlines() if line.strip()]
+            _log.warning("a validation helper stopped early (exit %s%s); its batches were checked here",
+                         self.process.returncode, f": {said[-1].strip()}" if said else "")
             return
         if kind == "error":
             raise value
@@ -258,10 +288,13 @@ def main() -> None:
     job = pickle.loads(sys.stdin.buffer.read())
     try:
         use_system_allocator()
-        parquet_file = open_parquet(job["source"], version=job["version"])
         claims = Path(job["claims"])
-        check_batches(parquet_file, job["source"], job["context"], job["batches"], _claimer(claims, len(job["batches"])),
-                      batch_rows=job["batch_rows"], max_errors=job["max_errors"], deliver=_deliver_to(claims))
+        claim = _while_caller_lives(_claimer(claims, len(job["batches"])), job["caller"], claims)
+        first = claim()
+        if first is not None:  # open the manifest only when there is work left for this helper
+            parquet_file = open_parquet(job["source"], version=job["version"])
+            check_batches(parquet_file, job["source"], job["context"], job["batches"], _then(first, claim),
+                          batch_rows=job["batch_rows"], max_errors=job["max_errors"], deliver=_deliver_to(claims))
         answer = ("ok", None)
     except QwenBatchError as exc:
         answer = ("error", _portable_error(exc))
@@ -269,12 +302,33 @@ def main() -> None:
     sys.stdout.buffer.flush()
 
 
+def _while_caller_lives(claim: Callable[[], int | None], caller: int, claims: Path) -> Callable[[], int | None]:
+    """Claims that stop, and clean up, once the caller is gone (killed: its `finally` never ran)."""
+    def claiming() -> int | None:
+        if os.getppid() != caller:
+            shutil.rmtree(claims, ignore_errors=True)
+            sys.exit(0)
+        return claim()
+
+    return claiming
+
+
+def _then(first: int, claim: Callable[[], int | None]) -> Callable[[], int | None]:
+    """`first`, then what `claim` hands out."""
+    pending = [first]
+    return lambda: pending.pop() if pending else claim()
+
+
 def _portable_error(exc: QwenBatchError) -> QwenBatchError:
-    """The error itself when it survives pickling with its message, else a UserError saying it."""
+    """The error itself when it survives pickling with its message, else one of the same kind (a
+    user error or a system error: the exit code stays) saying it."""
     try:
         if str(pickle.loads(pickle.dumps(exc))) == str(exc):
             return exc
     except Exception:
         pass
-    return UserError(str(exc))
+    for kind in (UserError, SystemError_):
+        if isinstance(exc, kind):
+            return kind(str(exc))
+    return QwenBatchError(str(exc))
 

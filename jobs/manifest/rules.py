@@ -56,7 +56,9 @@ def format_value(value: Any) -> str:
 
 
 def who(row_index: int, row_id: Any) -> str:
-    return f"row {row_index} (id {format_value(row_id)})" if isinstance(row_id, str) and row_id else f"row {row_index}"
+    if not isinstance(row_id, str) or not row_id:
+        return f"row {row_index}"
+    return f"row {row_index} (id {row_id if len(row_id) <= 128 else row_id[:125] + '...'!r})"  # valid ids whole
 
 
 def row_error(row_index: int, row_id: Any, field_name: str, rule: str, value: Any) -> str:

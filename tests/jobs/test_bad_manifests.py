@@ -107,8 +107,9 @@ def test_a_very_long_id_is_a_row_error(tmp_path, capsys):
     table = pa.table({"id": ["x" * 5000, "b"], "prompt": ["a", "b"]})
     path = write(tmp_path, table)
     [error] = errors_of(path)
-    shown = "'" + "x" * 77 + "...'"  # a long value is cut to 80 characters, wherever it is shown
-    assert error.startswith(f"row 0 (id {shown}): `id` must be 1-128 letters") and error.endswith(f"got: {shown}")
+    # an id too long to be valid is cut to 128 characters where it names the row, and to 80 as the value
+    assert error.startswith("row 0 (id '" + "x" * 125 + "...'): `id` must be 1-128 letters")
+    assert error.endswith("got: '" + "x" * 77 + "...'")
     code, _out, err = cli(capsys, "validate", path, "--model", "tiny")
     assert code == 1 and "unexpected" not in err
 

@@ -3,6 +3,7 @@ survives a helper that dies, and reports a user error a helper meets as one line
 
 import json
 import os
+import pickle
 import random
 import sys
 import tempfile
@@ -91,25 +92,33 @@ def messy_manifest(path: Path, *, bad: bool = True) -> str:
 def outcome(path: str, **options):
     try:
         summary = validate_manifest(path, ResolveContext(preset=get_preset("tiny")), batch_rows=256, **options)
-        return {"summary": summary.to_dict(), "templates": summary.templates_used}
+        counters = (summary.shapes, summary.languages, summary.templates, summary.formats)
+        return {"summary": json.dumps(summary.to_dict()), "order": [list(c.items()) for c in counters],
+                "templates": summary.templates_used}
     except ManifestError as error:
         return {"errors": error.errors, "total": error.total}
 
 
-def test_several_processes_find_exactly_what_one_process_finds(tmp_path, caller_waits_for_a_helper):
+@pytest.mark.parametrize("shown", [1000, 30])
+def test_several_processes_find_exactly_what_one_process_finds(tmp_path, monkeypatch, caller_waits_for_a_helper,
+                                                                shown):
+    import jobs.manifest
+
+    monkeypatch.setattr(jobs.manifest, "MAX_ERRORS_KEPT", shown)  # 30: each process stops keeping messages early
     path = messy_manifest(tmp_path / "m.parquet")
     alone = outcome(path, processes=1)
-    assert alone["total"] > 1000 and len(alone["errors"]) == 1000  # the first 1,000 of them are shown
-    for rule in ("must be unique", "must not repeat an image key", "must not differ only in letter case",
-                 "needs a folder", "`params`", "must be a multiple of 16"):
-        assert any(rule in line for line in alone["errors"]), rule
+    assert alone["total"] > 1000 and len(alone["errors"]) == shown  # the first ones are shown
+    if shown == 1000:
+        for rule in ("must be unique", "must not repeat an image key", "must not differ only in letter case",
+                     "needs a folder", "`params`", "must be a multiple of 16"):
+            assert any(rule in line for line in alone["errors"]), rule
     assert outcome(path, processes=3) == alone
 
 
 def test_a_valid_manifest_gets_the_same_summary_on_several_processes(tmp_path, caller_waits_for_a_helper):
     path = messy_manifest(tmp_path / "m.parquet", bad=False)
     alone = outcome(path, processes=1)
-    assert alone["summary"]["rows"] == ROWS and alone["templates"]
+    assert json.loads(alone["summary"])["rows"] == ROWS and alone["templates"]
     assert outcome(path, processes=2) == alone
 
 
@@ -123,7 +132,7 @@ def test_helpers_really_check_batches_and_small_manifests_stay_on_one_process(tm
     assert {o.checked_by for o in outcomes} == {os.getpid()}  # 3,000 rows: not worth a helper
 
 
-def test_batches_a_helper_claimed_before_it_died_are_checked_by_the_caller(tmp_path, monkeypatch,
+def test_batches_a_helper_claimed_before_it_died_are_checked_by_the_caller(tmp_path, monkeypatch, caplog,
                                                                            caller_waits_for_a_helper):
     path = messy_manifest(tmp_path / "m.parquet")
     alone = outcome(path, processes=1)
@@ -146,20 +155,58 @@ def test_batches_a_helper_claimed_before_it_died_are_checked_by_the_caller(tmp_p
     monkeypatch.setattr(sys, "executable", str(dying))
     assert outcome(path, processes=2) == alone
     assert len(json.loads((tmp_path / "claimed.json").read_text())) == 3
+    assert "a validation helper stopped early (exit 1); its batches were checked here" in caplog.text
 
 
-def test_a_corrupt_row_group_is_one_line_whichever_process_reads_it(tmp_path):
+def corrupt_manifest(tmp_path, group: int) -> Path:
     from test_bad_manifests import corrupt_data_page_of_group
 
     path = tmp_path / "m.parquet"
     messy_manifest(path, bad=False)
-    corrupt_data_page_of_group(path, 3)
-    before = set(Path(tempfile.gettempdir()).glob("qwen-batch-validate-*"))
+    corrupt_data_page_of_group(path, group)
+    return path
+
+
+def test_a_corrupt_row_group_is_one_line_whichever_process_reads_it(tmp_path, monkeypatch):
+    path = corrupt_manifest(tmp_path, 3)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with pytest.raises(ManifestFileError) as caught:
         validate_manifest(str(path), ResolveContext(preset=get_preset("tiny")), batch_rows=256, processes=2)
     assert str(caught.value).startswith(f"manifest {path} is corrupt: row group 3 (rows 2100-2799) cannot be read: ")
     assert "\n" not in str(caught.value)
-    assert set(Path(tempfile.gettempdir()).glob("qwen-batch-validate-*")) == before  # claims cleaned up
+    assert not list(tmp_path.glob("qwen-batch-validate-*"))  # claims cleaned up
+
+
+def helper_job(path: Path, claims: Path, caller: int) -> bytes:
+    from jobs.manifest.parallel import _portable_context, plan_batches
+
+    claims.mkdir()
+    return pickle.dumps({"source": str(path), "version": None, "context": _portable_context(TINY), "claims": str(claims),
+                         "batches": plan_batches(open_parquet(str(path)).metadata, 256), "caller": caller,
+                         "batch_rows": 256, "max_errors": 1000})
+
+
+def test_the_user_error_a_helper_meets_is_raised_by_the_caller_as_it_is(tmp_path):
+    from jobs.manifest.parallel import _Helper
+
+    path = corrupt_manifest(tmp_path, 0)  # the helper claims batch 0 first
+    helper = _Helper.start(helper_job(path, tmp_path / "claims", os.getpid()))
+    try:
+        with pytest.raises(ManifestFileError, match=r"is corrupt: row group 0 \(rows 0-699\) cannot be read: "):
+            helper.finish()
+    finally:
+        helper.stop()
+
+
+def test_a_helper_whose_caller_is_gone_stops_and_cleans_up(tmp_path, caplog):
+    from jobs.manifest.parallel import _Helper
+
+    path = messy_manifest(tmp_path / "m.parquet")
+    helper = _Helper.start(helper_job(Path(path), tmp_path / "claims", caller=-1))  # not its parent: gone
+    helper.finish()
+    helper.stop()
+    assert helper.process.returncode == 0 and not (tmp_path / "claims").exists()
+    assert "stopped early" in caplog.text
 
 
 @pytest.mark.parametrize("interpreter", ["missing", "exits at once"])
