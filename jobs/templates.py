@@ -63,22 +63,13 @@ def parse_params(value: Any) -> dict:
     Raises TemplateError("params must be a JSON object, got: …") for anything else
     (a JSON list, a number, invalid JSON, None).
     """
-    if type(value) is str:
-        try:
-            parsed = _JSON.decode(value)
-        except RecursionError:
-            raise TemplateError(f"params must be a JSON object nested less deeply, got: {_show(value)}") from None
-        except ValueError:
-            parsed = None
-        if type(parsed) is dict:
-            return parsed
-        raise TemplateError(f"params must be a JSON object, got: {_show(value)}")
-    if type(value) is dict:
-        return value
-    if isinstance(value, Mapping):
-        return dict(value)
-    if isinstance(value, (bytes, bytearray)):
-        value = value.decode("utf-8", errors="replace")
+    if type(value) is not str:  # a JSON string is the usual case: straight to the decoder
+        if type(value) is dict:
+            return value
+        if isinstance(value, Mapping):
+            return dict(value)
+        if isinstance(value, (bytes, bytearray)):
+            value = value.decode("utf-8", errors="replace")
     if isinstance(value, str):
         try:
             parsed = _JSON.decode(value)
@@ -86,7 +77,7 @@ def parse_params(value: Any) -> dict:
             raise TemplateError(f"params must be a JSON object nested less deeply, got: {_show(value)}") from None
         except ValueError:
             parsed = None
-        if isinstance(parsed, dict):
+        if type(parsed) is dict:
             return parsed
     raise TemplateError(f"params must be a JSON object, got: {_show(value)}")
 

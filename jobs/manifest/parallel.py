@@ -164,9 +164,9 @@ def check_manifest(parquet_file, source: str, context, *, version: str | None, p
         for helper in helpers:
             helper.stop()
         shutil.rmtree(claims, ignore_errors=True)
-    done = {outcome.number for outcome in outcomes}
-    missing = [number for number in range(len(batches)) if number not in done]  # claimed by a helper that died
-    if missing:
+    if len(outcomes) < len(batches):  # some were claimed by a helper that died
+        done = {outcome.number for outcome in outcomes}
+        missing = [number for number in range(len(batches)) if number not in done]
         outcomes.extend(check_batches(parquet_file, source, context, batches, _handing_out(missing), **options))
     return sorted(outcomes, key=lambda outcome: outcome.number)
 
